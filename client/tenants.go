@@ -1,0 +1,105 @@
+package client
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+)
+
+// Tenant is a tenant's metadata. It holds no key material.
+type Tenant struct {
+	Name string
+	// ID is the identifier carried in every ciphertext of the tenant (hex).
+	ID string
+	// CurrentVersion is the key version new encryptions use.
+	CurrentVersion uint32
+	Versions       []KeyVersion
+	CreateTime     time.Time
+}
+
+// KeyVersion is one version of a tenant key.
+type KeyVersion struct {
+	Version uint32
+	// KDKVersion is the root key version this tenant version derives from.
+	KDKVersion uint32
+	// State is "enabled"; later versions of hsmd add states.
+	State      string
+	CreateTime time.Time
+}
+
+// listPageSize is the page size ListTenants asks for (the server's maximum).
+const listPageSize = 1000
+
+// CreateTenant creates a tenant with key version 1. A taken name is
+// codes.AlreadyExists; an invalid one codes.InvalidArgument.
+func (c *Client) CreateTenant(ctx context.Context, name string) (Tenant, error) {
+	t, err := c.tenants.CreateTenant(ctx, &hsmdv1.CreateTenantRequest{Name: name})
+	if err != nil {
+		return Tenant{}, err
+	}
+	return tenantFromProto(t), nil
+}
+
+// GetTenant returns a tenant's metadata; codes.NotFound if it is unknown.
+func (c *Client) GetTenant(ctx context.Context, name string) (Tenant, error) {
+	t, err := c.tenants.GetTenant(ctx, &hsmdv1.GetTenantRequest{Name: name})
+	if err != nil {
+		return Tenant{}, err
+	}
+	return tenantFromProto(t), nil
+}
+
+// ListTenants returns every tenant, in name order. It fetches all pages
+// (one RPC per 1000 tenants) before returning, so the result is not a
+// snapshot: tenants created or removed meanwhile may or may not appear.
+// It fails if any page fails, or if the server repeats a page token.
+func (c *Client) ListTenants(ctx context.Context) ([]Tenant, error) {
+	var out []Tenant
+	seen := map[string]bool{}
+	token := ""
+	for {
+		resp, err := c.tenants.ListTenants(ctx, &hsmdv1.ListTenantsRequest{PageSize: listPageSize, PageToken: token})
+		if err != nil {
+			return nil, err
+		}
+		for _, t := range resp.GetTenants() {
+			out = append(out, tenantFromProto(t))
+		}
+		token = resp.GetNextPageToken()
+		if token == "" {
+			return out, nil
+		}
+		if seen[token] {
+			return nil, fmt.Errorf("hsmd client: list tenants: server repeated a page token")
+		}
+		seen[token] = true
+	}
+}
+
+func tenantFromProto(t *hsmdv1.Tenant) Tenant {
+	out := Tenant{
+		Name:           t.GetName(),
+		ID:             t.GetId(),
+		CurrentVersion: t.GetCurrentVersion(),
+		CreateTime:     unixTime(t.GetCreateTime()),
+	}
+	for _, v := range t.GetVersions() {
+		out.Versions = append(out.Versions, KeyVersion{
+			Version:    v.GetVersion(),
+			KDKVersion: v.GetKdkVersion(),
+			State:      v.GetState(),
+			CreateTime: unixTime(v.GetCreateTime()),
+		})
+	}
+	return out
+}
+
+// unixTime maps Unix seconds to a time, and 0 (unset) to the zero time.
+func unixTime(s int64) time.Time {
+	if s == 0 {
+		return time.Time{}
+	}
+	return time.Unix(s, 0).UTC()
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/server"
+)
+
+// Defaults of the configuration. The dev profile uses them all.
+const (
+	DefaultDataDir     = "./var"
+	DefaultTCPAddr     = "127.0.0.1:7443"
+	DefaultMetricsAddr = "127.0.0.1:9464"
+	DevTokenLabel      = "hsmd-dev"
+	maxConfigSize      = 1 << 20
+)
+
+// Config is hsmd's configuration file (YAML, strict: unknown keys are
+// errors). It names where secrets are, never holds them.
+type Config struct {
+	DataDir  string         `yaml:"data_dir"`
+	Listen   ListenConfig   `yaml:"listen"`
+	HSM      hsm.Config     `yaml:"hsm"`
+	Limits   server.Limits  `yaml:"limits"`
+	Envelope EnvelopeConfig `yaml:"envelope"`
+	Log      LogConfig      `yaml:"log"`
+}
+
+// ListenConfig says where hsmd listens. An empty address is not served.
+type ListenConfig struct {
+	Unix    string `yaml:"unix"`    // socket path; default <data_dir>/hsmd.sock
+	TCP     string `yaml:"tcp"`     // host:port; plaintext, so loopback only (mTLS comes with the security issue)
+	Metrics string `yaml:"metrics"` // host:port of the Prometheus /metrics endpoint
+}
+
+// EnvelopeConfig bounds data key use (see the envelope package).
+type EnvelopeConfig struct {
+	MaxItemsPerKey uint64        `yaml:"max_items_per_key"`
+	MaxBytesPerKey uint64        `yaml:"max_bytes_per_key"`
+	MaxKeyAge      time.Duration `yaml:"max_key_age"`
+	CacheSize      int           `yaml:"cache_size"`
+}
+
+// LogConfig sets the log level: debug, info, warn or error.
+type LogConfig struct {
+	Level string `yaml:"level"`
+}
+
+// loadConfig reads a strict YAML file.
+func loadConfig(path string) (*Config, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if len(b) > maxConfigSize {
+		return nil, fmt.Errorf("config: %s is over %d bytes", path, maxConfigSize)
+	}
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// applyDefaults fills what the file left out.
+func (c *Config) applyDefaults() {
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.Listen.Unix == "" {
+		c.Listen.Unix = filepath.Join(c.DataDir, "hsmd.sock")
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	c.Limits = c.Limits.WithDefaults()
+}
+
+// validate names the YAML path of the first problem.
+func (c *Config) validate() error {
+	if err := c.HSM.Validate(); err != nil {
+		return err
+	}
+	if err := c.Limits.Validate(); err != nil {
+		return err
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log.level must be debug, info, warn or error, not %q", c.Log.Level)
+	}
+	if c.Envelope.MaxItemsPerKey > 1<<32 {
+		return fmt.Errorf("envelope.max_items_per_key must be at most 2^32 (the AES-GCM random nonce bound)")
+	}
+	if c.Envelope.MaxKeyAge < 0 || c.Envelope.CacheSize < 0 {
+		return fmt.Errorf("envelope.max_key_age and envelope.cache_size must not be negative")
+	}
+	return nil
+}
+
+func (c *Config) envelopeConfig(d envelope.Deriver) envelope.Config {
+	return envelope.Config{
+		Deriver: d,
+		Limits: envelope.Limits{
+			MaxItems: c.Envelope.MaxItemsPerKey, MaxBytes: c.Envelope.MaxBytesPerKey, MaxAge: c.Envelope.MaxKeyAge,
+		},
+		CacheSize: c.Envelope.CacheSize,
+	}
+}

@@ -1,0 +1,171 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hsmd/hsmd/hsm"
+)
+
+type listener struct {
+	l       net.Listener
+	name    string // as announced
+	metrics bool
+}
+
+// listen opens the configured listeners: the unix socket (a stale socket
+// file left by a dead hsmd is replaced; a live one is an error), the
+// loopback TCP port and the metrics port.
+func (d *daemon) listen() ([]listener, error) {
+	var ls []listener
+	fail := func(err error) ([]listener, error) {
+		for _, l := range ls {
+			l.l.Close()
+		}
+		return nil, err
+	}
+	c := d.cfg.Listen
+	if c.Unix != "" {
+		l, err := listenUnix(c.Unix)
+		if err != nil {
+			return fail(err)
+		}
+		abs, _ := filepath.Abs(c.Unix)
+		ls = append(ls, listener{l: l, name: "unix://" + abs})
+	}
+	for _, a := range []struct {
+		addr    string
+		metrics bool
+	}{{c.TCP, false}, {c.Metrics, true}} {
+		if a.addr == "" {
+			continue
+		}
+		if !a.metrics {
+			if err := checkLoopback(a.addr); err != nil {
+				return fail(err)
+			}
+		}
+		l, err := net.Listen("tcp", a.addr)
+		if err != nil {
+			return fail(withHint(fmt.Errorf("listen on %s: %w", a.addr, err), "is another hsmd running? choose other ports with --listen-tcp and --listen-metrics"))
+		}
+		ls = append(ls, listener{l: l, name: l.Addr().String(), metrics: a.metrics})
+	}
+	if len(ls) == 0 {
+		return nil, errors.New("no listener configured (listen.unix, listen.tcp)")
+	}
+	return ls, nil
+}
+
+// checkLoopback refuses a plaintext TCP listener beyond loopback: until
+// mTLS exists, the TCP port has no authentication.
+func checkLoopback(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("listen.tcp %q: %w", addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip, err := netip.ParseAddr(host); err != nil || !ip.IsLoopback() {
+		return fmt.Errorf("listen.tcp %q: plaintext TCP is served on loopback addresses only", addr)
+	}
+	return nil
+}
+
+func listenUnix(path string) (net.Listener, error) {
+	if _, err := os.Stat(path); err == nil {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, withHint(fmt.Errorf("another process is serving on %s", path), "stop the other hsmd, or use another --data-dir")
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("listen on %s: %w", path, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// announce prints where hsmd listens and a one-line example call.
+func (d *daemon) announce(env *cliEnv, ls []listener) {
+	w := env.stdout
+	fmt.Fprintf(w, "hsmd: serving (data dir %s)\n", d.cfg.DataDir)
+	addr := ""
+	for _, l := range ls {
+		switch {
+		case l.metrics:
+			fmt.Fprintf(w, "  metrics  http://%s/metrics\n", l.name)
+		case strings.HasPrefix(l.name, "unix://"):
+			fmt.Fprintf(w, "  grpc     %s\n", l.name)
+			addr = l.name
+		default:
+			fmt.Fprintf(w, "  grpc     %s (plaintext, loopback only)\n", l.name)
+		}
+	}
+	bin := os.Args[0]
+	if abs, _ := filepath.Abs(filepath.Join(DefaultDataDir, "hsmd.sock")); addr != "" && addr != "unix://"+abs {
+		fmt.Fprintf(w, "  env      export HSMD_ADDR=%s\n", addr)
+	}
+	fmt.Fprintf(w, "  try      %s tenants create demo && echo hello | %s encrypt --tenant demo --text | %s decrypt\n", bin, bin, bin)
+}
+
+func newLogger(env *cliEnv, level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// runInit creates the root keys on a token that has none, checks each, and
+// reports. It refuses to touch a token that has hsmd keys already.
+func runInit(ctx context.Context, env *cliEnv, args []string) error {
+	fs := flag.NewFlagSet("hsmd init", flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	var p profileFlags
+	p.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return &usageError{err.Error()}
+	}
+	log := newLogger(env, "info")
+	c, err := p.load(func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) })
+	if err != nil {
+		return err
+	}
+	h, err := hsm.Open(ctx, c.HSM)
+	if err != nil {
+		return withHint(err, "check hsm.module, hsm.token_label and the PIN source")
+	}
+	defer h.Close()
+	if err := h.InitKeys(ctx); err != nil {
+		if errors.Is(err, hsm.ErrKeysExist) {
+			return withHint(err, "the token already has hsmd root keys; init never overwrites keys")
+		}
+		return err
+	}
+	fmt.Fprintf(env.stdout, "hsmd: created and checked the root keys on token %q:\n", c.HSM.TokenLabel)
+	for _, l := range hsm.RootKeyLabels() {
+		fmt.Fprintf(env.stdout, "  %s\n", l)
+	}
+	return nil
+}

@@ -1,0 +1,181 @@
+package envelope
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync/atomic"
+	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+
+	"github.com/hsmd/hsmd/envelope/wire"
+)
+
+// Errors. Test with errors.Is.
+var (
+	// ErrDecrypt is the one error for an item that fails to open: wrong
+	// tag, tenant, context or key, or an unknown key. It carries no detail.
+	ErrDecrypt = errors.New("message authentication failed")
+	// ErrMalformed: the item is not a ciphertext (see wire.ErrMalformed).
+	ErrMalformed = wire.ErrMalformed
+	// ErrDerive: a data key could not be derived (the Deriver failed).
+	ErrDerive = errors.New("envelope: cannot derive data key")
+	// ErrUnknownKey is returned by a Resolver for a tenant id or key
+	// version it does not know; Open reports it as ErrDecrypt.
+	ErrUnknownKey = errors.New("envelope: unknown key")
+)
+
+// Defaults of Config.
+const (
+	DefaultMaxItems         = 1 << 24
+	DefaultMaxBytes         = 1 << 36
+	DefaultMaxAge           = 10 * time.Minute
+	DefaultCacheSize        = 4096
+	DefaultParallelMinBytes = 256 << 10
+	// MaxItemSize is the largest plaintext the format carries.
+	MaxItemSize = 1<<31 - 1
+)
+
+// KeyRef names one tenant key version and what its data keys derive from.
+// It is resolved from the metadata store by the caller.
+type KeyRef struct {
+	Tenant     string // 1 to 64 bytes
+	TenantID   uint64
+	Version    uint32
+	KDKVersion uint32
+	Salt       [32]byte
+}
+
+// Limits bound how much one data key (one seed) encrypts.
+type Limits struct {
+	MaxItems uint64        // default DefaultMaxItems
+	MaxBytes uint64        // default DefaultMaxBytes
+	MaxAge   time.Duration // default DefaultMaxAge; also the DEK cache TTL
+}
+
+// Config configures an Engine. Deriver is required.
+type Config struct {
+	Deriver Deriver
+	Limits  Limits
+	// CacheSize bounds each of the two DEK caches (sealing: one entry per
+	// tenant version; opening: one per seed). Default DefaultCacheSize.
+	CacheSize int
+	// Workers seal or open a large batch in parallel; default GOMAXPROCS.
+	// 1 disables parallelism.
+	Workers int
+	// ParallelMinBytes is the batch size (plaintext bytes) from which
+	// batches are split across workers.
+	ParallelMinBytes int
+	// Rand draws seeds and nonces; default crypto/rand.Reader.
+	Rand io.Reader
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Engine seals and opens batches. It is safe for concurrent use.
+type Engine struct {
+	cfg      Config
+	sealKeys *lru.Cache[sealKey, *sealEntry]
+	openKeys *lru.Cache[openKey, *dek]
+	stats    stats
+}
+
+// New returns an Engine, filling in defaults.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Deriver == nil {
+		return nil, errors.New("envelope: Config.Deriver is required")
+	}
+	setDefault(&cfg.Limits.MaxItems, DefaultMaxItems)
+	setDefault(&cfg.Limits.MaxBytes, DefaultMaxBytes)
+	setDefault(&cfg.Limits.MaxAge, DefaultMaxAge)
+	setDefault(&cfg.CacheSize, DefaultCacheSize)
+	setDefault(&cfg.Workers, runtime.GOMAXPROCS(0))
+	setDefault(&cfg.ParallelMinBytes, DefaultParallelMinBytes)
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	sk, err := lru.New[sealKey, *sealEntry](cfg.CacheSize)
+	if err != nil {
+		return nil, fmt.Errorf("envelope: %w", err)
+	}
+	ok, err := lru.New[openKey, *dek](cfg.CacheSize)
+	if err != nil {
+		return nil, fmt.Errorf("envelope: %w", err)
+	}
+	return &Engine{cfg: cfg, sealKeys: sk, openKeys: ok}, nil
+}
+
+func setDefault[T comparable](p *T, def T) {
+	var zero T
+	if *p == zero {
+		*p = def
+	}
+}
+
+// Stats counts cache behaviour and derivations since the Engine was made.
+type Stats struct {
+	SealHits, SealMisses uint64 // batches sealed with a cached / a new DEK
+	OpenHits, OpenMisses uint64 // groups opened with a cached / a derived DEK
+	Derivations          uint64 // Deriver calls that succeeded
+	DeriveErrors         uint64
+}
+
+type stats struct {
+	sealHits, sealMisses, openHits, openMisses, derivations, deriveErrors atomic.Uint64
+}
+
+// Stats returns a snapshot of the counters.
+func (e *Engine) Stats() Stats {
+	s := &e.stats
+	return Stats{
+		SealHits: s.sealHits.Load(), SealMisses: s.sealMisses.Load(),
+		OpenHits: s.openHits.Load(), OpenMisses: s.openMisses.Load(),
+		Derivations: s.derivations.Load(), DeriveErrors: s.deriveErrors.Load(),
+	}
+}
+
+// Forget drops every cached data key of a tenant version, for example when
+// it is disabled. Keys in use by calls already running finish their work.
+func (e *Engine) Forget(tenantID uint64, version uint32) {
+	for _, k := range e.sealKeys.Keys() {
+		if k.TenantID == tenantID && k.Version == version {
+			e.sealKeys.Remove(k)
+		}
+	}
+	for _, k := range e.openKeys.Keys() {
+		if k.ref.TenantID == tenantID && k.ref.Version == version {
+			e.openKeys.Remove(k)
+		}
+	}
+}
+
+// parallel runs fn over [0, n) split into contiguous ranges, on up to
+// Workers goroutines when the batch holds at least ParallelMinBytes.
+func (e *Engine) parallel(n, bytes int, fn func(lo, hi int)) {
+	w := e.cfg.Workers
+	if w > n {
+		w = n
+	}
+	if w <= 1 || bytes < e.cfg.ParallelMinBytes {
+		fn(0, n)
+		return
+	}
+	done := make(chan struct{}, w-1)
+	per := (n + w - 1) / w
+	for lo := per; lo < n; lo += per {
+		go func(lo, hi int) {
+			fn(lo, hi)
+			done <- struct{}{}
+		}(lo, min(lo+per, n))
+	}
+	fn(0, min(per, n))
+	for lo := per; lo < n; lo += per {
+		<-done
+	}
+}

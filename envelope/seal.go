@@ -1,0 +1,98 @@
+package envelope
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/hsmd/hsmd/envelope/wire"
+)
+
+// Item is a record to seal. Context is bound to the ciphertext as
+// additional authenticated data; opening needs the same map.
+type Item struct {
+	Plaintext []byte
+	Context   map[string]string
+}
+
+// SealedSize returns the bytes that sealing items takes: their plaintexts
+// plus wire.Overhead each.
+func SealedSize(items []Item) int {
+	n := len(items) * wire.Overhead
+	for i := range items {
+		n += len(items[i].Plaintext)
+	}
+	return n
+}
+
+// Seal encrypts every item under ref's current data key and returns one
+// binary ciphertext per item, in order. The ciphertexts share one
+// allocation. A batch costs at most one Deriver call, and none while the
+// tenant version's current seed has room under the Limits.
+//
+// Errors: ctx's error; an error wrapping ErrDerive if a new data key was
+// needed and could not be derived; an error for a tenant name of the wrong
+// size, an item over MaxItemSize or a batch over the per-key limits (callers
+// cap sizes well below these). Nothing is sealed on error.
+func (e *Engine) Seal(ctx context.Context, ref KeyRef, items []Item) ([][]byte, error) {
+	out := make([][]byte, len(items))
+	if err := e.SealTo(ctx, ref, items, make([]byte, SealedSize(items)), out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// SealTo is Seal into memory the caller provides, for callers that reuse
+// buffers: slab must hold at least SealedSize(items) bytes, and out gets
+// one ciphertext per item, each a slice of slab. It panics if out is not as
+// long as items or slab is too short.
+func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []byte, out [][]byte) error {
+	if len(out) != len(items) || len(slab) < SealedSize(items) {
+		panic("envelope: SealTo: out or slab too short")
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if len(ref.Tenant) == 0 || len(ref.Tenant) > wire.MaxTenantLen {
+		return fmt.Errorf("envelope: tenant name of %d bytes, want 1 to %d", len(ref.Tenant), wire.MaxTenantLen)
+	}
+	total := 0
+	for i := range items {
+		n := len(items[i].Plaintext)
+		if n > MaxItemSize {
+			return fmt.Errorf("envelope: item %d is %d bytes, the format's maximum is %d", i, n, MaxItemSize)
+		}
+		total += n
+	}
+	key, seed, err := e.sealingKey(ctx, &ref, uint64(len(items)), uint64(total))
+	if err != nil {
+		return err
+	}
+	off := 0
+	for i := range items {
+		n := len(items[i].Plaintext) + wire.Overhead
+		out[i] = slab[off : off+n : off+n]
+		off += n
+	}
+	// One read draws every nonce of the batch.
+	nonces := make([]byte, len(items)*wire.NonceSize)
+	if _, err := io.ReadFull(e.cfg.Rand, nonces); err != nil {
+		return fmt.Errorf("envelope: draw nonces: %w", err)
+	}
+	var tmpl [wire.HeaderSize]byte
+	hdr := wire.Header{Version: wire.Version1, Suite: wire.SuiteAES256GCM, TenantID: ref.TenantID, KeyVersion: ref.Version, Seed: seed}
+	hdr.Put(tmpl[:])
+	e.parallel(len(items), total, func(lo, hi int) {
+		var aadBuf [256]byte
+		aad := aadBuf[:0]
+		for i := lo; i < hi; i++ {
+			ct := out[i]
+			copy(ct, tmpl[:wire.HeaderSize-wire.NonceSize])
+			nonce := ct[wire.HeaderSize-wire.NonceSize : wire.HeaderSize]
+			copy(nonce, nonces[i*wire.NonceSize:])
+			aad = wire.AppendAAD(aad[:0], ct[:wire.HeaderSize], ref.Tenant, items[i].Context)
+			key.aead.Seal(ct[wire.HeaderSize:wire.HeaderSize], nonce, items[i].Plaintext, aad)
+		}
+	})
+	return nil
+}

@@ -1,0 +1,133 @@
+package hsm
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+)
+
+// Defaults applied by Open when the Config leaves a field zero.
+const (
+	DefaultSessions    = 4
+	DefaultCallTimeout = 5 * time.Second
+	// MaxSessions bounds Config.Sessions.
+	MaxSessions = 256
+	// MaxPINSize bounds the PIN source; a longer PIN file is refused.
+	MaxPINSize = 256
+)
+
+// Config says which token to use and how. It holds where the PIN is, never
+// the PIN itself, so it may be logged; String prints no secret.
+type Config struct {
+	Module      string        `yaml:"module" json:"module"`             // path to the PKCS#11 module (.so)
+	TokenLabel  string        `yaml:"token_label" json:"token_label"`   // CKA_LABEL of the token
+	PINFile     string        `yaml:"pin_file" json:"pin_file"`         // file holding the user PIN; one trailing newline (\n or \r\n) is trimmed; at most MaxPINSize bytes
+	PINFD       int           `yaml:"pin_fd" json:"pin_fd"`             // or a file descriptor (> 0) to read the PIN from until EOF, then closed; 0 or negative = unused (so stdin cannot be used)
+	Sessions    int           `yaml:"sessions" json:"sessions"`         // session pool size; 0 = DefaultSessions
+	CallTimeout time.Duration `yaml:"call_timeout" json:"call_timeout"` // deadline for one HSM operation and for waiting on the pool; 0 = DefaultCallTimeout
+}
+
+// Validate checks c and names the offending field in its error (for
+// example "hsm.module is required"). Exactly one of PINFile and PINFD must
+// be set. The error wraps ErrInvalidConfig.
+func (c Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case c.Module == "":
+		return bad("hsm.module is required")
+	case hasPINValue(c.Module):
+		return bad("hsm.module must not contain pin-value=; use hsm.pin_file or hsm.pin_fd")
+	case c.TokenLabel == "":
+		return bad("hsm.token_label is required")
+	case hasPINValue(c.TokenLabel):
+		return bad("hsm.token_label must not contain pin-value=; use hsm.pin_file or hsm.pin_fd")
+	case len(c.TokenLabel) > 32:
+		return bad("hsm.token_label is longer than 32 bytes")
+	case c.PINFile == "" && c.PINFD <= 0:
+		return bad("hsm.pin_file or hsm.pin_fd is required")
+	case c.PINFile != "" && c.PINFD > 0:
+		return bad("hsm.pin_file and hsm.pin_fd are mutually exclusive")
+	case c.Sessions < 0 || c.Sessions > MaxSessions:
+		return bad("hsm.sessions must be between 1 and %d (0 = default %d)", MaxSessions, DefaultSessions)
+	case c.CallTimeout < 0:
+		return bad("hsm.call_timeout must not be negative")
+	}
+	return nil
+}
+
+func hasPINValue(s string) bool {
+	return strings.Contains(strings.ToLower(s), "pin-value=")
+}
+
+// withDefaults returns c with zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	if c.Sessions == 0 {
+		c.Sessions = DefaultSessions
+	}
+	if c.CallTimeout == 0 {
+		c.CallTimeout = DefaultCallTimeout
+	}
+	return c
+}
+
+// String describes c without any secret (the PIN source is named, never
+// read).
+func (c Config) String() string {
+	pin := "none"
+	switch {
+	case c.PINFile != "":
+		pin = "file:" + c.PINFile
+	case c.PINFD > 0:
+		pin = fmt.Sprintf("fd:%d", c.PINFD)
+	}
+	return fmt.Sprintf("hsm.Config{module=%q token=%q pin=%s sessions=%d call_timeout=%s}",
+		c.Module, c.TokenLabel, pin, c.Sessions, c.CallTimeout)
+}
+
+// GoString is String, so that %#v prints no more than %v.
+func (c Config) GoString() string { return c.String() }
+
+// readPIN reads the PIN from the configured source. The caller must clear
+// the returned slice after use. Errors name the source, never the content.
+func (c Config) readPIN() ([]byte, error) {
+	var (
+		f   *os.File
+		src string
+	)
+	if c.PINFile != "" {
+		src = "hsm.pin_file " + c.PINFile
+		var err error
+		if f, err = os.Open(c.PINFile); err != nil {
+			return nil, fmt.Errorf("%w: reading %s: %w", ErrLogin, src, err)
+		}
+	} else {
+		src = fmt.Sprintf("hsm.pin_fd %d", c.PINFD)
+		f = os.NewFile(uintptr(c.PINFD), "pin-fd")
+		if f == nil {
+			return nil, fmt.Errorf("%w: %s is not a valid descriptor", ErrLogin, src)
+		}
+	}
+	defer f.Close()
+	buf := make([]byte, MaxPINSize+1)
+	n, err := io.ReadFull(f, buf)
+	if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
+		clear(buf)
+		return nil, fmt.Errorf("%w: reading %s: %w", ErrLogin, src, err)
+	}
+	if n > MaxPINSize {
+		clear(buf)
+		return nil, fmt.Errorf("%w: %s holds more than %d bytes", ErrLogin, src, MaxPINSize)
+	}
+	pin := bytes.TrimSuffix(buf[:n], []byte("\n"))
+	pin = bytes.TrimSuffix(pin, []byte("\r"))
+	if len(pin) == 0 {
+		clear(buf)
+		return nil, fmt.Errorf("%w: %s is empty", ErrLogin, src)
+	}
+	return pin, nil
+}

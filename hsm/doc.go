@@ -1,0 +1,54 @@
+// Package hsm gives hsmd its root keys in a PKCS#11 token (SoftHSM2 in
+// development, a real HSM in production) through github.com/miekg/pkcs11.
+//
+// # Keys
+//
+// InitKeys creates, on an empty token, hsmd/kdk/v1 (HMAC-SHA256 generic
+// secret: the PRF behind every data key), hsmd/wrap/v1 (AES-256 for AES-GCM),
+// hsmd/sig-p256/v1 and hsmd/sig-ed25519/v1 (signing key pairs). All secret
+// and private keys are generated in the token with CKA_TOKEN, CKA_PRIVATE,
+// CKA_SENSITIVE true and CKA_EXTRACTABLE false, so they never leave it.
+// LoadKeys looks them up once by label; PRF, WrapSeal/WrapOpen and Signer use
+// them.
+//
+// # Concurrency and deadlines
+//
+// An HSM is safe for concurrent use. It keeps a fixed pool of
+// Config.Sessions sessions; each operation holds one for its duration.
+// Waiting for a session and running the operation are bounded by the
+// caller's context and Config.CallTimeout. A PKCS#11 call cannot be
+// cancelled, so at the deadline the caller gets a retryable ErrTimeout while
+// the call completes in the background; its session returns to the pool
+// only afterwards, so a session is never used by two operations at once.
+//
+// # Errors
+//
+// Errors are prefixed "hsm: " and classified (see Class, IsRetryable,
+// IsFatal). A session-level failure (session handle invalid or closed,
+// device error or out of memory, function failed, operation active) is
+// retryable: the failing call returns the error (there is no internal retry,
+// so callers keep control of their deadline) and the pool replaces the
+// session. A token or PIN failure (token removed or not present, PIN
+// incorrect, locked or expired) is fatal: Ready fails and every later
+// operation fails fast until the HSM is closed and reopened. On
+// CKR_USER_NOT_LOGGED_IN the HSM logs in again once, re-reading the PIN file
+// (the error is then retryable); if that fails, or the PIN came from a
+// descriptor, the error is fatal. Errors never contain PINs or key bytes.
+//
+// # PINs
+//
+// The user PIN is read once from Config.PINFile or Config.PINFD (at most
+// MaxPINSize bytes, one trailing newline trimmed) and cleared from memory
+// after login. Erasure is best effort: the PKCS#11 binding and module copy
+// the PIN into C memory that this package cannot clear. Config prints the
+// PIN source, never the PIN; a module path or label holding "pin-value=" is
+// refused.
+//
+// # Modules
+//
+// A PKCS#11 module has one state per process. HSMs (and LoadModule users
+// such as package softhsm) on the same module file share one initialized
+// copy, reference counted: the last Close finalizes it. Login state is per
+// token and process, so a second HSM on a token that is already logged in
+// is checked against a keyed fingerprint of the first HSM's PIN.
+package hsm

@@ -1,0 +1,123 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/store"
+)
+
+type envelopeService struct {
+	hsmdv1.UnimplementedEnvelopeServer
+	s *Server
+}
+
+// Encrypt seals a batch under the tenant's current key version.
+func (e *envelopeService) Encrypt(ctx context.Context, req *hsmdv1.EncryptRequest) (*hsmdv1.EncryptResponse, error) {
+	s := e.s
+	if err := s.cfg.Limits.checkEncrypt(req); err != nil {
+		return nil, err
+	}
+	t, err := s.tenant(ctx, req.Tenant)
+	if err != nil {
+		return nil, err
+	}
+	ref, ok := keyRef(t, t.Current)
+	if !ok {
+		return nil, fmt.Errorf("server: tenant %q has no current version %d", t.Name, t.Current)
+	}
+	items := make([]envelope.Item, len(req.Items))
+	in := 0
+	for i, it := range req.Items {
+		items[i] = envelope.Item{Plaintext: it.Plaintext, Context: it.Context}
+		in += len(it.Plaintext)
+	}
+	cts, err := s.cfg.Engine.Seal(ctx, ref, items)
+	if err != nil {
+		return nil, err
+	}
+	m := s.cfg.Metrics
+	m.items.WithLabelValues("Encrypt", "ok").Add(float64(len(items)))
+	m.bytes.WithLabelValues("Encrypt", "in").Add(float64(in))
+	return &hsmdv1.EncryptResponse{Ciphertexts: cts, KeyVersion: ref.Version}, nil
+}
+
+// Decrypt opens a batch, item by item.
+func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptRequest) (*hsmdv1.DecryptResponse, error) {
+	s := e.s
+	if err := s.cfg.Limits.checkDecrypt(req); err != nil {
+		return nil, err
+	}
+	if req.Tenant != "" {
+		if _, err := s.tenant(ctx, req.Tenant); err != nil {
+			return nil, err
+		}
+	}
+	items := make([]envelope.Ciphertext, len(req.Items))
+	for i, it := range req.Items {
+		items[i] = envelope.Ciphertext{Data: it.Ciphertext, Context: it.Context}
+	}
+	opened := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), items)
+	results := make([]hsmdv1.DecryptResult, len(opened))
+	out := &hsmdv1.DecryptResponse{Results: make([]*hsmdv1.DecryptResult, len(opened))}
+	m := s.cfg.Metrics
+	okN, outBytes := 0, 0
+	for i := range opened {
+		r := &results[i]
+		if err := opened[i].Err; err != nil {
+			r.Error = itemError(ctx, s.log, err)
+			m.items.WithLabelValues("Decrypt", r.Error.Reason).Inc()
+		} else {
+			r.Plaintext = opened[i].Plaintext
+			okN++
+			outBytes += len(r.Plaintext)
+		}
+		out.Results[i] = r
+	}
+	m.items.WithLabelValues("Decrypt", "ok").Add(float64(okN))
+	m.bytes.WithLabelValues("Decrypt", "out").Add(float64(outBytes))
+	return out, nil
+}
+
+// tenant reads a tenant named by a request.
+func (s *Server) tenant(ctx context.Context, name string) (*store.Tenant, error) {
+	if name == "" {
+		return nil, &limitError{what: "the tenant name's length", limit: "min_tenant_name", got: 0, max: 1}
+	}
+	t, err := s.cfg.Store.GetTenant(ctx, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("%w: tenant %q", errNotFound, name)
+	}
+	return t, err
+}
+
+// resolver maps a ciphertext's tenant id and key version to its key. If the
+// request names a tenant, ciphertexts of any other tenant are unknown keys.
+func (s *Server) resolver(only string) envelope.Resolver {
+	return func(ctx context.Context, id uint64, v uint32) (envelope.KeyRef, error) {
+		t, err := s.cfg.Store.GetTenantByID(ctx, id)
+		if errors.Is(err, store.ErrNotFound) || (err == nil && only != "" && t.Name != only) {
+			return envelope.KeyRef{}, envelope.ErrUnknownKey
+		}
+		if err != nil {
+			return envelope.KeyRef{}, err
+		}
+		ref, ok := keyRef(t, v)
+		if !ok {
+			return envelope.KeyRef{}, envelope.ErrUnknownKey
+		}
+		return ref, nil
+	}
+}
+
+// keyRef is the envelope's view of tenant version v.
+func keyRef(t *store.Tenant, v uint32) (envelope.KeyRef, bool) {
+	kv, ok := t.Version(v)
+	if !ok || kv.State != store.StateEnabled {
+		return envelope.KeyRef{}, false
+	}
+	return envelope.KeyRef{Tenant: t.Name, TenantID: t.ID, Version: v, KDKVersion: kv.KDKVersion, Salt: t.Salt}, true
+}

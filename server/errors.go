@@ -1,0 +1,77 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/store"
+)
+
+// Item error reasons (hsmdv1.ItemError.reason).
+const (
+	ReasonMalformed     = "MALFORMED"
+	ReasonDecryptFailed = "DECRYPT_FAILED"
+	ReasonUnavailable   = "UNAVAILABLE"
+	ReasonInternal      = "INTERNAL"
+)
+
+// errNotFound marks an unknown tenant named by a request.
+var errNotFound = errors.New("not found")
+
+// toStatus maps an error to a gRPC status, in this one place. Messages of
+// known errors are written to be safe to return (names and sizes, never
+// secrets or payloads); anything unknown becomes INTERNAL with a fixed
+// message and the request ID, and is logged in full.
+func toStatus(ctx context.Context, log *slog.Logger, err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	var le *limitError
+	switch {
+	case errors.As(err, &le):
+		return status.Error(codes.InvalidArgument, le.Error())
+	case errors.Is(err, errNotFound), errors.Is(err, store.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, store.ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, store.ErrInvalid):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, envelope.ErrDerive):
+		log.LogAttrs(ctx, slog.LevelWarn, "data key derivation failed", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
+		return status.Error(codes.Unavailable, "the HSM is unavailable; retry later")
+	case errors.Is(err, store.ErrClosed):
+		return status.Error(codes.Unavailable, "the server is shutting down")
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "canceled")
+	}
+	id := requestID(ctx)
+	log.LogAttrs(ctx, slog.LevelError, "internal error", slog.String("request_id", id), slog.Any("error", err))
+	return status.Errorf(codes.Internal, "internal error (request id %s)", id)
+}
+
+// itemError maps the failure of one item of a batch.
+func itemError(ctx context.Context, log *slog.Logger, err error) *hsmdv1.ItemError {
+	switch {
+	case errors.Is(err, envelope.ErrMalformed):
+		return &hsmdv1.ItemError{Code: int32(codes.InvalidArgument), Reason: ReasonMalformed, Message: err.Error()}
+	case err == envelope.ErrDecrypt:
+		return &hsmdv1.ItemError{Code: int32(codes.InvalidArgument), Reason: ReasonDecryptFailed, Message: envelope.ErrDecrypt.Error()}
+	}
+	st := status.Convert(toStatus(ctx, log, err))
+	reason := ReasonInternal
+	if st.Code() == codes.Unavailable {
+		reason = ReasonUnavailable
+	}
+	return &hsmdv1.ItemError{Code: int32(st.Code()), Reason: reason, Message: st.Message()}
+}

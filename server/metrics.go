@@ -1,0 +1,89 @@
+package server
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/hsmd/hsmd/envelope"
+)
+
+// Metrics are hsmd's Prometheus metrics. Labels carry method names, codes
+// and operation names only: never tenants' data, contexts or keys.
+type Metrics struct {
+	requests   *prometheus.CounterVec   // method, code
+	items      *prometheus.CounterVec   // method, result
+	latency    *prometheus.HistogramVec // method
+	bytes      *prometheus.CounterVec   // method, direction
+	hsmCalls   *prometheus.CounterVec   // op, result
+	hsmLatency *prometheus.HistogramVec // op
+	ready      prometheus.Gauge
+}
+
+// NewMetrics registers hsmd's metrics with reg. engineStats, if set, is
+// exported as the DEK cache counters.
+func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *Metrics {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmd_requests_total", Help: "RPCs handled, by method and gRPC code.",
+		}, []string{"method", "code"}),
+		items: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmd_items_total", Help: "Batch items processed, by method and result (ok or an item error reason).",
+		}, []string{"method", "result"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "hsmd_request_duration_seconds", Help: "RPC latency, by method.",
+			Buckets: prometheus.ExponentialBuckets(25e-6, 2, 18),
+		}, []string{"method"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmd_bytes_total", Help: "Item payload bytes processed, by method and direction (in, out).",
+		}, []string{"method", "direction"}),
+		hsmCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmd_hsm_calls_total", Help: "Calls into the HSM, by operation and result.",
+		}, []string{"op", "result"}),
+		hsmLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "hsmd_hsm_call_duration_seconds", Help: "HSM call latency, by operation.",
+			Buckets: prometheus.ExponentialBuckets(5e-6, 2, 20),
+		}, []string{"op"}),
+		ready: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "hsmd_ready", Help: "1 while hsmd can serve (HSM usable), else 0.",
+		}),
+	}
+	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready)
+	if engineStats != nil {
+		cache := func(name, help, op string, f func(envelope.Stats) uint64) prometheus.Collector {
+			return prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: name, Help: help, ConstLabels: prometheus.Labels{"op": op},
+			}, func() float64 { return float64(f(engineStats())) })
+		}
+		reg.MustRegister(
+			cache("hsmd_dek_cache_hits_total", "DEK cache hits (seal: batches, open: groups).", "seal", func(s envelope.Stats) uint64 { return s.SealHits }),
+			cache("hsmd_dek_cache_hits_total", "DEK cache hits (seal: batches, open: groups).", "open", func(s envelope.Stats) uint64 { return s.OpenHits }),
+			cache("hsmd_dek_cache_misses_total", "DEK cache misses, each one derivation.", "seal", func(s envelope.Stats) uint64 { return s.SealMisses }),
+			cache("hsmd_dek_cache_misses_total", "DEK cache misses, each one derivation.", "open", func(s envelope.Stats) uint64 { return s.OpenMisses }),
+		)
+	}
+	return m
+}
+
+// InstrumentDeriver counts and times d's calls as HSM calls of op "hmac".
+func (m *Metrics) InstrumentDeriver(d envelope.Deriver) envelope.Deriver {
+	return &instrumentedDeriver{d: d, m: m}
+}
+
+type instrumentedDeriver struct {
+	d envelope.Deriver
+	m *Metrics
+}
+
+func (i *instrumentedDeriver) PRF(ctx context.Context, kdkVersion uint32, msg []byte) ([]byte, error) {
+	start := time.Now()
+	out, err := i.d.PRF(ctx, kdkVersion, msg)
+	i.m.hsmLatency.WithLabelValues("hmac").Observe(time.Since(start).Seconds())
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	i.m.hsmCalls.WithLabelValues("hmac", result).Inc()
+	return out, err
+}

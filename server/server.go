@@ -1,0 +1,159 @@
+// Package server implements hsmd's gRPC services: Envelope (batched
+// encryption), Tenants, and the standard health service, with one
+// interceptor that assigns request IDs, maps errors to gRPC codes, logs and
+// counts.
+//
+// The server holds no keys: it resolves tenants from the store and asks the
+// envelope Engine, whose Deriver is the HSM, to seal and open.
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"log/slog"
+	"path"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/store"
+)
+
+// Config is what a Server needs. Store, Engine and Metrics are required.
+type Config struct {
+	Store   store.Store
+	Engine  *envelope.Engine
+	Metrics *Metrics
+	Limits  Limits
+	Logger  *slog.Logger
+	// KDKVersion is the root key version new tenant versions derive from.
+	KDKVersion uint32
+	// Ready reports whether the HSM is usable; it drives the health
+	// service. Nil means always ready.
+	Ready func(context.Context) error
+	// Rand draws tenant IDs and salts; default crypto/rand.Reader.
+	Rand io.Reader
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Server is hsmd's gRPC front end. It is safe for concurrent use.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	health *health.Server
+}
+
+// New checks cfg and returns a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Store == nil || cfg.Engine == nil || cfg.Metrics == nil {
+		return nil, errors.New("server: Config.Store, Engine and Metrics are required")
+	}
+	cfg.Limits = cfg.Limits.WithDefaults()
+	if err := cfg.Limits.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.KDKVersion == 0 {
+		cfg.KDKVersion = 1
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, health: health.NewServer()}, nil
+}
+
+// ServerOptions returns the grpc.ServerOptions hsmd's services need: the
+// interceptor and message size caps. Add credentials and the like to them.
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	max := s.cfg.Limits.MaxMessageBytes()
+	return []grpc.ServerOption{
+		grpc.UnaryInterceptor(s.intercept),
+		grpc.MaxRecvMsgSize(max),
+		// A response holds the request's items plus 58 bytes each.
+		grpc.MaxSendMsgSize(max + s.cfg.Limits.MaxBatchItems*64),
+	}
+}
+
+// Register adds the services to g.
+func (s *Server) Register(g *grpc.Server) {
+	hsmdv1.RegisterEnvelopeServer(g, &envelopeService{s: s})
+	hsmdv1.RegisterTenantsServer(g, &tenantsService{s: s})
+	healthpb.RegisterHealthServer(g, s.health)
+}
+
+// Health returns the health service, so the caller can mark the server
+// NOT_SERVING while it shuts down.
+func (s *Server) Health() *health.Server { return s.health }
+
+// WatchReady polls Ready every interval until ctx is done, and sets the
+// health status and the hsmd_ready gauge to match. It returns when ctx is
+// done.
+func (s *Server) WatchReady(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		s.checkReady(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Server) checkReady(ctx context.Context) {
+	st, v := healthpb.HealthCheckResponse_SERVING, 1.0
+	if s.cfg.Ready != nil {
+		if err := s.cfg.Ready(ctx); err != nil {
+			st, v = healthpb.HealthCheckResponse_NOT_SERVING, 0
+			s.log.LogAttrs(ctx, slog.LevelWarn, "not ready", slog.Any("error", err))
+		}
+	}
+	for _, svc := range []string{"", hsmdv1.Envelope_ServiceDesc.ServiceName, hsmdv1.Tenants_ServiceDesc.ServiceName} {
+		s.health.SetServingStatus(svc, st)
+	}
+	s.cfg.Metrics.ready.Set(v)
+}
+
+type ctxKey struct{}
+
+func requestID(ctx context.Context) string {
+	id, _ := ctx.Value(ctxKey{}).(string)
+	return id
+}
+
+// intercept gives each call a request ID (returned in the x-request-id
+// header), maps its error to a status, and logs and counts it.
+func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	var b [8]byte
+	rand.Read(b[:])
+	id := hex.EncodeToString(b[:])
+	ctx = context.WithValue(ctx, ctxKey{}, id)
+	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", id))
+	method := path.Base(info.FullMethod)
+	start := time.Now()
+	resp, err := h(ctx, req)
+	err = toStatus(ctx, s.log, err)
+	d := time.Since(start)
+	code := status.Code(err)
+	s.cfg.Metrics.requests.WithLabelValues(method, code.String()).Inc()
+	s.cfg.Metrics.latency.WithLabelValues(method).Observe(d.Seconds())
+	s.log.LogAttrs(ctx, slog.LevelDebug, "rpc", slog.String("method", method), slog.String("code", code.String()),
+		slog.Duration("duration", d), slog.String("request_id", id))
+	return resp, err
+}

@@ -1,0 +1,153 @@
+package server_test
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/server"
+	"github.com/hsmd/hsmd/softhsm"
+	"github.com/hsmd/hsmd/store/bolt"
+)
+
+func TestMain(m *testing.M) { os.Exit(softhsm.RunTests(m)) }
+
+// stack is a whole hsmd in process on a real SoftHSM token, served on a
+// unix socket in a temp dir.
+type stack struct {
+	t       *testing.T
+	tok     softhsm.TestToken
+	dir     string
+	hsm     *hsm.HSM
+	reg     *prometheus.Registry
+	conn    *grpc.ClientConn
+	env     hsmdv1.EnvelopeClient
+	tenants hsmdv1.TenantsClient
+	stop    func()
+}
+
+type stackOpts struct {
+	wrap   func(hsm.Module) hsm.Module
+	hsmCfg func(*hsm.Config)
+	limits server.Limits
+}
+
+// newStack makes a token with root keys and starts a stack on it.
+func newStack(t *testing.T, o stackOpts) *stack {
+	t.Helper()
+	s := &stack{t: t, tok: softhsm.NewTestToken(t), dir: t.TempDir()}
+	h := s.openHSM(o)
+	if err := h.InitKeys(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	s.start(o)
+	return s
+}
+
+func (s *stack) hsmConfig(o stackOpts) hsm.Config {
+	c := hsm.Config{Module: s.tok.Module, TokenLabel: s.tok.Label, PINFile: s.tok.PINFile, CallTimeout: 2 * time.Second}
+	if o.hsmCfg != nil {
+		o.hsmCfg(&c)
+	}
+	return c
+}
+
+func (s *stack) openHSM(o stackOpts) *hsm.HSM {
+	s.t.Helper()
+	h, err := hsm.OpenWithModuleWrapper(context.Background(), s.hsmConfig(o), o.wrap)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return h
+}
+
+// start opens the HSM and store and serves; restart is stop then start.
+func (s *stack) start(o stackOpts) {
+	t := s.t
+	t.Helper()
+	ctx := context.Background()
+	h := s.openHSM(o)
+	if err := h.LoadKeys(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := bolt.Open(filepath.Join(s.dir, "hsmd.db"), bolt.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	var eng *envelope.Engine
+	m := server.NewMetrics(reg, func() envelope.Stats { return eng.Stats() })
+	if eng, err = envelope.New(envelope.Config{Deriver: m.InstrumentDeriver(h)}); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(srv.ServerOptions()...)
+	srv.Register(g)
+	sock := filepath.Join(s.dir, "hsmd.sock")
+	os.Remove(sock)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go g.Serve(l)
+	wctx, cancel := context.WithCancel(ctx)
+	go srv.WatchReady(wctx, 50*time.Millisecond)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.hsm, s.reg, s.conn = h, reg, conn
+	s.env, s.tenants = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn)
+	stopped := false
+	s.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		conn.Close()
+		g.Stop()
+		st.Close()
+		if err := h.Close(); err != nil {
+			t.Errorf("closing the HSM: %v", err)
+		}
+		if n := h.OpenSessions(); n != 0 {
+			t.Errorf("%d PKCS#11 sessions left open after Close", n)
+		}
+	}
+	t.Cleanup(s.stop)
+}
+
+func (s *stack) restart(o stackOpts) {
+	s.stop()
+	s.start(o)
+}
+
+// hsmCalls is the metric the issue counts: HSM HMAC calls.
+func (s *stack) hsmCalls() float64 {
+	return metricValue(s.t, s.reg, "hsmd_hsm_calls_total", map[string]string{"op": "hmac"})
+}
+
+func (s *stack) createTenant(name string) *hsmdv1.Tenant {
+	s.t.Helper()
+	tn, err := s.tenants.CreateTenant(context.Background(), &hsmdv1.CreateTenantRequest{Name: name})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return tn
+}

@@ -1,0 +1,129 @@
+package storetest
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/hsmd/hsmd/store"
+)
+
+// rotate adds a key version to tn and makes it current, as a rotation would.
+func rotate(tn *store.Tenant) {
+	next := tn.Versions[len(tn.Versions)-1].Version + 1
+	tn.Versions = append(tn.Versions, store.KeyVersion{
+		Version:    next,
+		KDKVersion: 1,
+		State:      store.StateEnabled,
+		CreateTime: time.Now(),
+	})
+	tn.Current = next
+}
+
+func testUpdate(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	ctx := context.Background()
+	mustCreate(t, s, newTenant(t, "upd"))
+	tn := mustGet(t, s, "upd")
+	for range 3 {
+		old := tn.Revision
+		rotate(tn)
+		tn.Salt[0]++
+		if err := s.UpdateTenant(ctx, tn); err != nil {
+			t.Fatalf("UpdateTenant at revision %d: %v", old, err)
+		}
+		if tn.Revision <= old {
+			t.Fatalf("UpdateTenant set Revision = %d, want > %d", tn.Revision, old)
+		}
+		got := mustGet(t, s, "upd")
+		if d := diff(tn, got); d != "" {
+			t.Fatalf("GetTenant after update: %s", d)
+		}
+		byID, err := s.GetTenantByID(ctx, tn.ID)
+		if err != nil {
+			t.Fatalf("GetTenantByID after update: %v", err)
+		}
+		if d := diff(tn, byID); d != "" {
+			t.Fatalf("GetTenantByID after update: %s", d)
+		}
+	}
+}
+
+func testUpdateStale(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	ctx := context.Background()
+	mustCreate(t, s, newTenant(t, "stale"))
+	a := mustGet(t, s, "stale")
+	b := mustGet(t, s, "stale")
+	rotate(a)
+	if err := s.UpdateTenant(ctx, a); err != nil {
+		t.Fatalf("first UpdateTenant: %v", err)
+	}
+	b.Salt[0]++
+	staleRev := b.Revision
+	if err := s.UpdateTenant(ctx, b); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("UpdateTenant at a stale revision: err = %v, want ErrConflict", err)
+	}
+	if b.Revision != staleRev {
+		t.Errorf("failed UpdateTenant changed Revision from %d to %d", staleRev, b.Revision)
+	}
+	for _, rev := range []uint64{0, a.Revision + 1, a.Revision + 1000} {
+		b.Revision = rev
+		if err := s.UpdateTenant(ctx, b); !errors.Is(err, store.ErrConflict) {
+			t.Errorf("UpdateTenant at revision %d (stored %d): err = %v, want ErrConflict", rev, a.Revision, err)
+		}
+	}
+	if d := diff(a, mustGet(t, s, "stale")); d != "" {
+		t.Errorf("after rejected updates: %s", d)
+	}
+}
+
+func testUpdateMissing(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	tn := newTenant(t, "ghost")
+	tn.Revision = 1
+	if err := s.UpdateTenant(context.Background(), tn); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("UpdateTenant of a missing tenant: err = %v, want ErrNotFound", err)
+	}
+	if _, err := s.GetTenant(context.Background(), "ghost"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("GetTenant after UpdateTenant of a missing tenant: err = %v, want ErrNotFound", err)
+	}
+}
+
+func testUpdateInvalid(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	ctx := context.Background()
+	orig := newTenant(t, "fixed")
+	mustCreate(t, s, orig)
+
+	moved := mustGet(t, s, "fixed")
+	oldID := moved.ID
+	moved.ID++
+	if err := s.UpdateTenant(ctx, moved); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("UpdateTenant changing the ID: err = %v, want ErrInvalid", err)
+	}
+	if _, err := s.GetTenantByID(ctx, moved.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("GetTenantByID(new ID) after rejected update: err = %v, want ErrNotFound", err)
+	}
+	if _, err := s.GetTenantByID(ctx, oldID); err != nil {
+		t.Errorf("GetTenantByID(old ID) after rejected update: %v", err)
+	}
+
+	bad := mustGet(t, s, "fixed")
+	bad.Current = 99
+	if err := s.UpdateTenant(ctx, bad); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("UpdateTenant with a missing current version: err = %v, want ErrInvalid", err)
+	}
+	bad = mustGet(t, s, "fixed")
+	bad.Salt = [store.SaltSize]byte{}
+	if err := s.UpdateTenant(ctx, bad); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("UpdateTenant with a zero salt: err = %v, want ErrInvalid", err)
+	}
+	if err := s.UpdateTenant(ctx, nil); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("UpdateTenant(nil): err = %v, want ErrInvalid", err)
+	}
+	if d := diff(orig, mustGet(t, s, "fixed")); d != "" {
+		t.Errorf("after rejected updates: %s", d)
+	}
+}
