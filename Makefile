@@ -78,9 +78,13 @@ build:
 	$(GO) build -o bin/hsmd ./cmd/hsmd
 
 # The dev server listens on ./var/hsmd.sock, the CLI's default --addr.
+# DATA_DIR and RUN_FLAGS (e.g. --listen-tcp 127.0.0.1:0) exist for the
+# end-to-end test that drives this target.
+DATA_DIR ?= ./var
+RUN_FLAGS ?=
 run: system-deps build
-	mkdir -p -m 0700 var
-	./bin/hsmd serve --dev --data-dir ./var
+	mkdir -p -m 0700 $(DATA_DIR)
+	exec ./bin/hsmd serve --dev --data-dir $(DATA_DIR) $(RUN_FLAGS)
 
 test: deps
 	$(GO) vet ./...
