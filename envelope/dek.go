@@ -102,7 +102,7 @@ func (e *Engine) sealingKey(ctx context.Context, ref *KeyRef, n, b uint64) (*dek
 		return ent.key, ent.seed, nil
 	}
 	var seed [wire.SeedSize]byte
-	if _, err := io.ReadFull(e.cfg.Rand, seed[:]); err != nil {
+	if _, err := io.ReadFull(e.rand, seed[:]); err != nil {
 		return nil, seed, fmt.Errorf("envelope: draw seed: %w", err)
 	}
 	key, err := e.derive(ctx, ref, seed)

@@ -69,7 +69,10 @@ type Config struct {
 	// ParallelMinBytes is the batch size (plaintext bytes) from which
 	// batches are split across workers.
 	ParallelMinBytes int
-	// Rand draws seeds and nonces; default crypto/rand.Reader.
+	// Rand, if set, draws seeds and nonces (a test seam). By default seeds
+	// come from crypto/rand, and so do nonces for small batches; a large
+	// batch draws its nonces from ChaCha8 streams keyed from crypto/rand
+	// (see nonces.go).
 	Rand io.Reader
 	// Now is the clock; default time.Now.
 	Now func() time.Time
@@ -78,6 +81,7 @@ type Config struct {
 // Engine seals and opens batches. It is safe for concurrent use.
 type Engine struct {
 	cfg      Config
+	rand     io.Reader // cfg.Rand or crypto/rand
 	sealKeys *lru.Cache[sealKey, *sealEntry]
 	openKeys *lru.Cache[openKey, *dek]
 	stats    stats
@@ -94,9 +98,6 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.CacheSize, DefaultCacheSize)
 	setDefault(&cfg.Workers, runtime.GOMAXPROCS(0))
 	setDefault(&cfg.ParallelMinBytes, DefaultParallelMinBytes)
-	if cfg.Rand == nil {
-		cfg.Rand = rand.Reader
-	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -108,7 +109,11 @@ func New(cfg Config) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("envelope: %w", err)
 	}
-	return &Engine{cfg: cfg, sealKeys: sk, openKeys: ok}, nil
+	r := cfg.Rand
+	if r == nil {
+		r = rand.Reader
+	}
+	return &Engine{cfg: cfg, rand: r, sealKeys: sk, openKeys: ok}, nil
 }
 
 func setDefault[T comparable](p *T, def T) {

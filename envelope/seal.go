@@ -3,7 +3,6 @@ package envelope
 import (
 	"context"
 	"fmt"
-	"io"
 
 	"github.com/hsmd/hsmd/envelope/wire"
 )
@@ -74,10 +73,9 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 		out[i] = slab[off : off+n : off+n]
 		off += n
 	}
-	// One read draws every nonce of the batch.
-	nonces := make([]byte, len(items)*wire.NonceSize)
-	if _, err := io.ReadFull(e.cfg.Rand, nonces); err != nil {
-		return fmt.Errorf("envelope: draw nonces: %w", err)
+	nonces, err := e.nonceSource(len(items))
+	if err != nil {
+		return err
 	}
 	var tmpl [wire.HeaderSize]byte
 	hdr := wire.Header{Version: wire.Version1, Suite: wire.SuiteAES256GCM, TenantID: ref.TenantID, KeyVersion: ref.Version, Seed: seed}
@@ -85,11 +83,12 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 	e.parallel(len(items), total, func(lo, hi int) {
 		var aadBuf [256]byte
 		aad := aadBuf[:0]
+		next := nonces.worker()
 		for i := lo; i < hi; i++ {
 			ct := out[i]
 			copy(ct, tmpl[:wire.HeaderSize-wire.NonceSize])
 			nonce := ct[wire.HeaderSize-wire.NonceSize : wire.HeaderSize]
-			copy(nonce, nonces[i*wire.NonceSize:])
+			next(i, nonce)
 			aad = wire.AppendAAD(aad[:0], ct[:wire.HeaderSize], ref.Tenant, items[i].Context)
 			key.aead.Seal(ct[wire.HeaderSize:wire.HeaderSize], nonce, items[i].Plaintext, aad)
 		}

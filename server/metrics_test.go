@@ -9,7 +9,7 @@ import (
 
 // metricValue sums the samples of name whose labels include want, from what
 // reg exposes: the numbers /metrics serves.
-func metricValue(t *testing.T, reg *prometheus.Registry, name string, want map[string]string) float64 {
+func metricValue(t testing.TB, reg *prometheus.Registry, name string, want map[string]string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {

@@ -23,14 +23,15 @@ import (
 func TestMain(m *testing.M) { os.Exit(softhsm.RunTests(m)) }
 
 // stack is a whole hsmd in process on a real SoftHSM token, served on a
-// unix socket in a temp dir.
+// unix socket in a temp dir and on a loopback TCP port.
 type stack struct {
-	t       *testing.T
+	t       testing.TB
 	tok     softhsm.TestToken
 	dir     string
 	hsm     *hsm.HSM
 	reg     *prometheus.Registry
 	conn    *grpc.ClientConn
+	tcp     *grpc.ClientConn // loopback TCP, as the unix socket
 	env     hsmdv1.EnvelopeClient
 	tenants hsmdv1.TenantsClient
 	stop    func()
@@ -43,7 +44,7 @@ type stackOpts struct {
 }
 
 // newStack makes a token with root keys and starts a stack on it.
-func newStack(t *testing.T, o stackOpts) *stack {
+func newStack(t testing.TB, o stackOpts) *stack {
 	t.Helper()
 	s := &stack{t: t, tok: softhsm.NewTestToken(t), dir: t.TempDir()}
 	h := s.openHSM(o)
@@ -104,14 +105,23 @@ func (s *stack) start(o stackOpts) {
 		t.Fatal(err)
 	}
 	go g.Serve(l)
-	wctx, cancel := context.WithCancel(ctx)
-	go srv.WatchReady(wctx, 50*time.Millisecond)
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.hsm, s.reg, s.conn = h, reg, conn
+	go g.Serve(tl)
+	wctx, cancel := context.WithCancel(ctx)
+	go srv.WatchReady(wctx, 50*time.Millisecond)
+	dial := func(target string) *grpc.ClientConn {
+		c, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	conn, tconn := dial("unix://"+sock), dial(tl.Addr().String())
+	s.hsm, s.reg, s.conn, s.tcp = h, reg, conn, tconn
 	s.env, s.tenants = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn)
 	stopped := false
 	s.stop = func() {
@@ -121,6 +131,7 @@ func (s *stack) start(o stackOpts) {
 		stopped = true
 		cancel()
 		conn.Close()
+		tconn.Close()
 		g.Stop()
 		st.Close()
 		if err := h.Close(); err != nil {
