@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -112,4 +114,52 @@ func waitHealth(t *testing.T, hc healthpb.HealthClient, want healthpb.HealthChec
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestLogsHoldNoSecrets: at debug level, across successes, authentication
+// failures and HSM failures, the log holds no plaintext, context value or
+// PIN.
+func TestLogsHoldNoSecrets(t *testing.T) {
+	var logs syncBuffer
+	f := &faulty{}
+	s := newStack(t, stackOpts{
+		wrap: func(m hsm.Module) hsm.Module { f.Module = m; return f },
+		log:  &logs,
+	})
+	s.createTenant("acme")
+	s.createTenant("cold")
+	secret, ctxVal := "plaintext-7f3a9c", "context-value-51e2"
+	c := map[string]string{"purpose": ctxVal}
+	cts := encrypt(t, s, "acme", &hsmdv1.EncryptItem{Plaintext: []byte(secret), Context: c})
+	decrypt(t, s, "acme", &hsmdv1.DecryptItem{Ciphertext: cts[0], Context: c},
+		&hsmdv1.DecryptItem{Ciphertext: cts[0], Context: map[string]string{"purpose": ctxVal + "x"}})
+	f.fail.Store(pkcs11.CKR_DEVICE_ERROR)
+	s.env.Encrypt(context.Background(), &hsmdv1.EncryptRequest{Tenant: "cold", Items: []*hsmdv1.EncryptItem{{Plaintext: []byte(secret), Context: c}}})
+	f.fail.Store(0)
+	out := logs.String()
+	if !strings.Contains(out, "msg=rpc") || !strings.Contains(out, "derivation failed") {
+		t.Fatalf("the calls and the HSM failure were not logged:\n%s", out)
+	}
+	for _, s := range []string{secret, ctxVal, strings.TrimSpace(string(s.tok.UserPIN))} {
+		if strings.Contains(out, s) {
+			t.Errorf("the log holds %q:\n%s", s, out)
+		}
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -2,6 +2,8 @@ package server_test
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -41,6 +43,7 @@ type stackOpts struct {
 	wrap   func(hsm.Module) hsm.Module
 	hsmCfg func(*hsm.Config)
 	limits server.Limits
+	log    io.Writer // debug-level log output, if set
 }
 
 // newStack makes a token with root keys and starts a stack on it.
@@ -92,7 +95,11 @@ func (s *stack) start(o stackOpts) {
 	if eng, err = envelope.New(envelope.Config{Deriver: m.InstrumentDeriver(h)}); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready})
+	var logger *slog.Logger
+	if o.log != nil {
+		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}
