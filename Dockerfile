@@ -28,8 +28,11 @@ COPY --from=build /out/hsmd /usr/local/bin/hsmd
 USER hsmd
 WORKDIR /var/lib/hsmd
 VOLUME /var/lib/hsmd
-# gRPC (TCP) and Prometheus metrics. hsmd's dev defaults bind them to
-# 127.0.0.1; to publish them, serve on 0.0.0.0 (and, once it exists, mTLS).
-EXPOSE 7443 9464
+# The default command is the dev profile: a SoftHSM token made in the volume
+# on first start, whose PINs sit in 0600 files there until the TPM issue seals
+# them. Production runs `serve --config FILE` with its own HSM and PIN source.
+# gRPC is served on the unix socket /var/lib/hsmd/hsmd.sock (share the volume);
+# plaintext TCP stays on loopback until mTLS lands. Metrics are published.
+EXPOSE 9464
 ENTRYPOINT ["hsmd"]
-CMD ["serve", "--dev", "--data-dir", "/var/lib/hsmd"]
+CMD ["serve", "--dev", "--data-dir", "/var/lib/hsmd", "--listen-metrics", "0.0.0.0:9464"]

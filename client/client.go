@@ -57,9 +57,11 @@ import (
 )
 
 // DefaultMaxMsgSize is the default limit, in bytes, on a message the client
-// sends or receives: room for a batch of 1 MiB items with their overhead.
-// Override it with [WithMaxRecvMsgSize] and [WithMaxSendMsgSize].
-const DefaultMaxMsgSize = 64 << 20
+// sends or receives: above the largest response a server with default
+// limits sends (64 MiB of payload, framing, and 58 bytes per item of a
+// 10,000-item batch), so an accepted request never gets a reply the client
+// refuses. Override it with [WithMaxRecvMsgSize] and [WithMaxSendMsgSize].
+const DefaultMaxMsgSize = 80 << 20
 
 // Client is a connection to one hsmd server. It is safe for concurrent use.
 // Whoever calls [Dial] must call [Client.Close].

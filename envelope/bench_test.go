@@ -125,7 +125,7 @@ func BenchmarkOpen(b *testing.B) {
 			b.SetBytes(int64(size * len(items)))
 			b.ReportAllocs()
 			for b.Loop() {
-				res := e.Open(context.Background(), r, in)
+				res := mustOpen(b, e, context.Background(), r, in)
 				if res[0].Err != nil {
 					b.Fatal(res[0].Err)
 				}

@@ -8,7 +8,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
-	"sync"
 	"time"
 
 	"github.com/hsmd/hsmd/envelope/wire"
@@ -22,10 +21,11 @@ type dek struct {
 }
 
 // sealEntry is the data key a tenant version currently seals with, and how
-// much it has sealed. mu serialises the check-and-reserve, and the
-// derivation of a new key, per tenant version.
+// much it has sealed. lock (a one-slot channel, so waiting honours ctx)
+// serialises the check-and-reserve, and the derivation of a new key, per
+// tenant version.
 type sealEntry struct {
-	mu    sync.Mutex
+	lock  chan struct{}
 	seed  [wire.SeedSize]byte
 	key   *dek
 	items uint64
@@ -87,13 +87,17 @@ func (e *Engine) sealingKey(ctx context.Context, ref *KeyRef, n, b uint64) (*dek
 	}
 	ent, ok := e.sealKeys.Get(*ref)
 	if !ok {
-		ent = &sealEntry{}
+		ent = &sealEntry{lock: make(chan struct{}, 1)}
 		if prev, found, _ := e.sealKeys.PeekOrAdd(*ref, ent); found {
 			ent = prev
 		}
 	}
-	ent.mu.Lock()
-	defer ent.mu.Unlock()
+	select {
+	case ent.lock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, [wire.SeedSize]byte{}, ctx.Err()
+	}
+	defer func() { <-ent.lock }()
 	if ent.key != nil && ent.items+n <= lim.MaxItems && ent.bytes+b <= lim.MaxBytes &&
 		e.cfg.Now().Sub(ent.key.born) < lim.MaxAge {
 		ent.items += n
@@ -115,19 +119,18 @@ func (e *Engine) sealingKey(ctx context.Context, ref *KeyRef, n, b uint64) (*dek
 	return key, seed, nil
 }
 
-// openingKey returns the data key of (ref, seed) from the cache or derives
-// it. A cached key is used until it expires.
-func (e *Engine) openingKey(ctx context.Context, ref *KeyRef, seed [wire.SeedSize]byte) (*dek, error) {
-	k := openKey{*ref, seed}
-	if d, ok := e.openKeys.Get(k); ok && e.cfg.Now().Sub(d.born) < e.cfg.Limits.MaxAge {
+// openingKey returns the data key of (ref, seed) from the cache, or
+// derives it (fresh: the caller caches it once it has proved useful). A
+// cached key is used until it expires.
+func (e *Engine) openingKey(ctx context.Context, ref *KeyRef, seed [wire.SeedSize]byte) (key *dek, fresh bool, err error) {
+	if d, ok := e.openKeys.Get(openKey{*ref, seed}); ok && e.cfg.Now().Sub(d.born) < e.cfg.Limits.MaxAge {
 		e.stats.openHits.Add(1)
-		return d, nil
+		return d, false, nil
 	}
 	d, err := e.derive(ctx, ref, seed)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	e.stats.openMisses.Add(1)
-	e.openKeys.Add(k, d)
-	return d, nil
+	return d, true, nil
 }

@@ -23,6 +23,9 @@ var (
 	ErrMalformed = wire.ErrMalformed
 	// ErrDerive: a data key could not be derived (the Deriver failed).
 	ErrDerive = errors.New("envelope: cannot derive data key")
+	// ErrTooManyGroups: a batch to open spans more data keys than
+	// Config.MaxGroups allows.
+	ErrTooManyGroups = errors.New("envelope: too many data keys in one batch")
 	// ErrUnknownKey is returned by a Resolver for a tenant id or key
 	// version it does not know; Open reports it as ErrDecrypt.
 	ErrUnknownKey = errors.New("envelope: unknown key")
@@ -35,6 +38,7 @@ const (
 	DefaultMaxAge           = 10 * time.Minute
 	DefaultCacheSize        = 4096
 	DefaultParallelMinBytes = 256 << 10
+	DefaultMaxGroups        = 1000
 	// MaxItemSize is the largest plaintext the format carries.
 	MaxItemSize = 1<<31 - 1
 )
@@ -69,6 +73,10 @@ type Config struct {
 	// ParallelMinBytes is the batch size (plaintext bytes) from which
 	// batches are split across workers.
 	ParallelMinBytes int
+	// MaxGroups bounds the distinct data keys (tenant, version, seed) one
+	// batch to open may span, and so the Deriver calls one Open can cost.
+	// Default DefaultMaxGroups.
+	MaxGroups int
 	// Rand, if set, draws seeds and nonces (a test seam). By default seeds
 	// come from crypto/rand, and so do nonces for small batches; a large
 	// batch draws its nonces from ChaCha8 streams keyed from crypto/rand
@@ -98,6 +106,7 @@ func New(cfg Config) (*Engine, error) {
 	setDefault(&cfg.CacheSize, DefaultCacheSize)
 	setDefault(&cfg.Workers, runtime.GOMAXPROCS(0))
 	setDefault(&cfg.ParallelMinBytes, DefaultParallelMinBytes)
+	setDefault(&cfg.MaxGroups, DefaultMaxGroups)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}

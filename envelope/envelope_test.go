@@ -72,7 +72,7 @@ func TestRoundTripSizes(t *testing.T) {
 		if len(cts[0]) != n+wire.Overhead {
 			t.Fatalf("%d bytes: ciphertext is %d bytes, want %d", n, len(cts[0]), n+wire.Overhead)
 		}
-		res := e.Open(ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0], Context: items[0].Context}})
+		res := mustOpen(t, e, ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0], Context: items[0].Context}})
 		if res[0].Err != nil || !bytes.Equal(res[0].Plaintext, pt) {
 			t.Fatalf("%d bytes: open: %v", n, res[0].Err)
 		}
@@ -102,7 +102,7 @@ func TestBatchOf10000(t *testing.T) {
 	// A fresh engine must derive again: once for the whole batch.
 	e2 := newEngine(t, prf, func(c *envelope.Config) { c.ParallelMinBytes = 1 })
 	before := prf.Calls()
-	res := e2.Open(ctx, resolver("", a), in)
+	res := mustOpen(t, e2, ctx, resolver("", a), in)
 	if got := prf.Calls() - before; got != 1 {
 		t.Errorf("opening one batch cost %d PRF calls, want 1", got)
 	}
@@ -143,7 +143,7 @@ func TestAuthFailures(t *testing.T) {
 		if name == "as tenant b" {
 			good = envelope.Ciphertext{Data: ctsB[0]}
 		}
-		res := e.Open(ctx, r, []envelope.Ciphertext{good, bad, good})
+		res := mustOpen(t, e, ctx, r, []envelope.Ciphertext{good, bad, good})
 		if !errors.Is(res[1].Err, want) {
 			t.Errorf("%s: got %v, want %v", name, res[1].Err, want)
 		}
@@ -186,7 +186,7 @@ func TestTextForm(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := " " + wire.EncodeText(cts[0]) + "\n"
-	res := e.Open(context.Background(), resolver("", a), []envelope.Ciphertext{{Data: []byte(text)}})
+	res := mustOpen(t, e, context.Background(), resolver("", a), []envelope.Ciphertext{{Data: []byte(text)}})
 	if res[0].Err != nil || string(res[0].Plaintext) != "x" {
 		t.Fatalf("text form: %v", res[0].Err)
 	}
@@ -275,16 +275,16 @@ func TestDeriveFailure(t *testing.T) {
 	if _, err := e2.Seal(ctx, a, []envelope.Item{{Plaintext: []byte("x")}}); !errors.Is(err, envelope.ErrDerive) || !errors.Is(err, down) {
 		t.Fatalf("seal with the deriver down: %v", err)
 	}
-	res := e2.Open(ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}})
+	res := mustOpen(t, e2, ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}})
 	if !errors.Is(res[0].Err, envelope.ErrDerive) {
 		t.Fatalf("open with the deriver down: %v", res[0].Err)
 	}
 	// The warm engine keeps serving from its cache.
-	if res := e.Open(ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}}); res[0].Err != nil {
+	if res := mustOpen(t, e, ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}}); res[0].Err != nil {
 		t.Fatalf("cached key: %v", res[0].Err)
 	}
 	prf.FailWith(nil)
-	if res := e2.Open(ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}}); res[0].Err != nil {
+	if res := mustOpen(t, e2, ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}}); res[0].Err != nil {
 		t.Fatalf("after recovery: %v", res[0].Err)
 	}
 }
@@ -295,7 +295,7 @@ func TestResolverErrorsPassThrough(t *testing.T) {
 	cts, _ := e.Seal(context.Background(), a, []envelope.Item{{Plaintext: []byte("x")}})
 	storeDown := errors.New("store unavailable")
 	r := func(context.Context, uint64, uint32) (envelope.KeyRef, error) { return envelope.KeyRef{}, storeDown }
-	if res := e.Open(context.Background(), r, []envelope.Ciphertext{{Data: cts[0]}}); !errors.Is(res[0].Err, storeDown) {
+	if res := mustOpen(t, e, context.Background(), r, []envelope.Ciphertext{{Data: cts[0]}}); !errors.Is(res[0].Err, storeDown) {
 		t.Fatalf("got %v", res[0].Err)
 	}
 }
@@ -307,7 +307,7 @@ func TestForgetDropsKeys(t *testing.T) {
 	ctx := context.Background()
 	cts, _ := e.Seal(ctx, a, []envelope.Item{{Plaintext: []byte("x")}})
 	e.Forget(a.TenantID, a.Version)
-	e.Open(ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}})
+	mustOpen(t, e, ctx, resolver("", a), []envelope.Ciphertext{{Data: cts[0]}})
 	if _, err := e.Seal(ctx, a, []envelope.Item{{Plaintext: []byte("x")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +338,7 @@ func TestConcurrentUse(t *testing.T) {
 					errs <- err
 					return
 				}
-				res := e.Open(ctx, resolver(r.Tenant, refs...), []envelope.Ciphertext{{Data: cts[0]}, {Data: cts[1]}})
+				res := mustOpen(t, e, ctx, resolver(r.Tenant, refs...), []envelope.Ciphertext{{Data: cts[0]}, {Data: cts[1]}})
 				for j := range res {
 					if res[j].Err != nil || !bytes.Equal(res[j].Plaintext, items[j].Plaintext) {
 						errs <- fmt.Errorf("goroutine %d item %d: %v", g, i, res[j].Err)
@@ -362,8 +362,100 @@ func TestCanceledContext(t *testing.T) {
 	if _, err := e.Seal(ctx, ref("t", 1), []envelope.Item{{}}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("seal: %v", err)
 	}
-	res := e.Open(ctx, resolver(""), []envelope.Ciphertext{{Data: make([]byte, 100)}})
+	res := mustOpen(t, e, ctx, resolver(""), []envelope.Ciphertext{{Data: make([]byte, 100)}})
 	if !errors.Is(res[0].Err, context.Canceled) {
 		t.Fatalf("open: %v", res[0].Err)
+	}
+}
+
+func mustOpen(t testing.TB, e *envelope.Engine, ctx context.Context, r envelope.Resolver, items []envelope.Ciphertext) []envelope.Opened {
+	t.Helper()
+	res, err := e.Open(ctx, r, items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// TestForgedSeedsNeitherFlushNorFloodTheCache: items under made-up seeds
+// cost one derivation each up to MaxGroups, are never cached, and a batch
+// spanning more groups fails whole before any derivation.
+func TestForgedSeedsNeitherFlushNorFloodTheCache(t *testing.T) {
+	prf := newPRF()
+	e := newEngine(t, prf, func(c *envelope.Config) { c.CacheSize = 8; c.MaxGroups = 20 })
+	a := ref("t", 1)
+	ctx := context.Background()
+	genuine, err := e.Seal(ctx, a, []envelope.Item{{Plaintext: []byte("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	forge := func(n int) []envelope.Ciphertext {
+		var items []envelope.Ciphertext
+		for range n {
+			f := bytes.Clone(genuine[0])
+			rand.Read(f[14:30]) // another seed
+			items = append(items, envelope.Ciphertext{Data: f})
+		}
+		return items
+	}
+	before := prf.Calls()
+	res := mustOpen(t, e, ctx, resolver("", a), forge(19))
+	for i := range res {
+		if res[i].Err != envelope.ErrDecrypt {
+			t.Fatalf("forged item %d: %v", i, res[i].Err)
+		}
+	}
+	if got := prf.Calls() - before; got != 19 {
+		t.Fatalf("%d derivations for 19 forged seeds", got)
+	}
+	// The genuine key is still cached: no derivation to open it.
+	before = prf.Calls()
+	if res := mustOpen(t, e, ctx, resolver("", a), []envelope.Ciphertext{{Data: genuine[0]}}); res[0].Err != nil || prf.Calls() != before {
+		t.Fatalf("genuine item after the forgeries: %v, %d derivations", res[0].Err, prf.Calls()-before)
+	}
+	before = prf.Calls()
+	if _, err := e.Open(ctx, resolver("", a), forge(21)); !errors.Is(err, envelope.ErrTooManyGroups) {
+		t.Fatalf("21 groups: %v", err)
+	}
+	if prf.Calls() != before {
+		t.Fatal("a refused batch cost derivations")
+	}
+}
+
+// TestSealWaitHonoursContext: a caller queued behind a slow derivation for
+// the same tenant gives up at its own deadline.
+func TestSealWaitHonoursContext(t *testing.T) {
+	slow := &slowPRF{prf: newPRF(), started: make(chan struct{}), release: make(chan struct{})}
+	e := newEngine(t, slow, nil)
+	a := ref("t", 1)
+	go e.Seal(context.Background(), a, []envelope.Item{{}}) // holds the tenant's lock while deriving
+	<-slow.started
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := e.Seal(ctx, a, []envelope.Item{{}}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("queued seal: %v", err)
+	}
+	close(slow.release)
+}
+
+type slowPRF struct {
+	prf     *softprf.PRF
+	once    sync.Once
+	started chan struct{}
+	release chan struct{}
+}
+
+func (s *slowPRF) PRF(ctx context.Context, v uint32, msg []byte) ([]byte, error) {
+	s.once.Do(func() { close(s.started) })
+	<-s.release
+	return s.prf.PRF(ctx, v, msg)
+}
+
+func TestSealRefusesZeroIDs(t *testing.T) {
+	e := newEngine(t, newPRF(), nil)
+	for _, r := range []envelope.KeyRef{ref("t", 0), {Tenant: "t", TenantID: 1}} {
+		if _, err := e.Seal(context.Background(), r, []envelope.Item{{}}); err == nil {
+			t.Errorf("sealed under %+v", r)
+		}
 	}
 }

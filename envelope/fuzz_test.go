@@ -30,7 +30,7 @@ func FuzzOpen(f *testing.F) {
 		f.Add([]byte(v.Text))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		res := e.Open(context.Background(), resolver("", a), []envelope.Ciphertext{{Data: data}})
+		res := mustOpen(t, e, context.Background(), resolver("", a), []envelope.Ciphertext{{Data: data}})
 		switch err := res[0].Err; {
 		case err == nil:
 			if !bytes.Equal(res[0].Plaintext, []byte("secret")) {

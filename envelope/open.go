@@ -3,6 +3,8 @@ package envelope
 import (
 	"context"
 	"errors"
+	"fmt"
+	"sync/atomic"
 
 	"github.com/hsmd/hsmd/envelope/wire"
 )
@@ -29,66 +31,99 @@ type Resolver func(ctx context.Context, tenantID uint64, version uint32) (KeyRef
 
 // parsed is one item after its header was read.
 type parsed struct {
-	raw  []byte // binary ciphertext
-	hdr  wire.Header
-	key  *dek
-	ref  *KeyRef
-	size int // plaintext size
+	raw   []byte // binary ciphertext
+	hdr   wire.Header
+	group int // index into the batch's groups
+	size  int // plaintext size
+}
+
+// group is the items of one batch that share a data key.
+type group struct {
+	tenantID uint64
+	version  uint32
+	seed     [wire.SeedSize]byte
+	ref      *KeyRef
+	key      *dek
+	err      error
+	fresh    bool        // derived by this call, not yet cached
+	opened   atomic.Bool // at least one item authenticated
 }
 
 // Open decrypts every item and reports each on its own, in order: one bad
 // item does not fail the others. Items are grouped by (tenant, version,
 // seed), and each group costs at most one Deriver call (none if its key is
-// cached). The plaintexts share one allocation.
+// cached). A derived key is cached only once an item has authenticated
+// under it, so forged items cannot flush the cache. The plaintexts share
+// one allocation.
 //
+// Open fails as a whole, before any Deriver call, only if the batch spans
+// more than Config.MaxGroups groups (an error wrapping ErrTooManyGroups).
 // Per-item errors: an error wrapping ErrMalformed for input that is not a
 // ciphertext; ErrDecrypt for every authentication failure and unknown key;
 // an error wrapping ErrDerive if the key could not be derived; the
-// Resolver's other errors. If ctx is done before work starts, every item
-// reports ctx's error.
-func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext) []Opened {
+// Resolver's other errors; ctx's error if ctx is done before work starts.
+func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext) ([]Opened, error) {
 	res := make([]Opened, len(items))
 	if err := ctx.Err(); err != nil {
 		for i := range res {
 			res[i].Err = err
 		}
-		return res
+		return res, nil
 	}
 	ps := make([]parsed, len(items))
-	total := e.parseAll(items, ps, res)
-	e.keysFor(ctx, resolve, ps, res)
+	groups, total := parseAll(items, ps, res)
+	if len(groups) > e.cfg.MaxGroups {
+		return nil, fmt.Errorf("%w: the batch spans %d data keys, the limit is %d", ErrTooManyGroups, len(groups), e.cfg.MaxGroups)
+	}
+	e.keysFor(ctx, resolve, groups)
 
 	slab := make([]byte, total)
 	off := 0
 	for i := range ps {
 		if res[i].Err == nil {
-			res[i].Plaintext = slab[off : off : off+ps[i].size]
-			off += ps[i].size
+			if res[i].Err = groups[ps[i].group].err; res[i].Err == nil {
+				res[i].Plaintext = slab[off : off : off+ps[i].size]
+				off += ps[i].size
+			}
 		}
 	}
 	e.parallel(len(items), total, func(lo, hi int) {
-		aad := make([]byte, 0, 256)
+		var aadBuf [256]byte
 		for i := lo; i < hi; i++ {
 			if res[i].Err != nil {
 				continue
 			}
-			p := &ps[i]
-			aad = wire.AppendAAD(aad[:0], p.raw[:wire.HeaderSize], p.ref.Tenant, items[i].Context)
-			pt, err := p.key.aead.Open(res[i].Plaintext, p.hdr.Nonce[:], p.raw[wire.HeaderSize:], aad)
+			p, g := &ps[i], groups[ps[i].group]
+			aad := wire.AppendAAD(aadBuf[:0], p.raw[:wire.HeaderSize], g.ref.Tenant, items[i].Context)
+			pt, err := g.key.aead.Open(res[i].Plaintext, p.hdr.Nonce[:], p.raw[wire.HeaderSize:], aad)
 			if err != nil {
 				res[i] = Opened{Err: ErrDecrypt} // Open cleared its output
 				continue
 			}
 			res[i].Plaintext = pt
+			g.opened.Store(true)
 		}
 	})
-	return res
+	for _, g := range groups {
+		if g.fresh && g.opened.Load() {
+			e.openKeys.Add(openKey{*g.ref, g.seed}, g.key)
+		}
+	}
+	return res, nil
 }
 
-// parseAll reads every item's header, recording malformed items in res, and
-// returns the total plaintext size of the others.
-func (e *Engine) parseAll(items []Ciphertext, ps []parsed, res []Opened) int {
-	total := 0
+// parseAll reads every item's header, recording malformed items in res,
+// assigns each other item its group, and returns the groups and the total
+// plaintext size.
+func parseAll(items []Ciphertext, ps []parsed, res []Opened) ([]*group, int) {
+	type gk struct {
+		tenantID uint64
+		version  uint32
+		seed     [wire.SeedSize]byte
+	}
+	index := map[gk]int{}
+	var groups []*group
+	total, prev := 0, -1 // prev: the last parsed item; batches are mostly one group
 	for i := range items {
 		data := items[i].Data
 		if wire.IsText(data) {
@@ -103,15 +138,28 @@ func (e *Engine) parseAll(items []Ciphertext, ps []parsed, res []Opened) int {
 			res[i].Err = err
 			continue
 		}
-		ps[i] = parsed{raw: data, hdr: h, size: len(body) - wire.TagSize}
-		total += ps[i].size
+		p := &ps[i]
+		*p = parsed{raw: data, hdr: h, size: len(body) - wire.TagSize}
+		total += p.size
+		if prev >= 0 && h.TenantID == ps[prev].hdr.TenantID && h.KeyVersion == ps[prev].hdr.KeyVersion && h.Seed == ps[prev].hdr.Seed {
+			p.group, prev = ps[prev].group, i
+			continue
+		}
+		k := gk{h.TenantID, h.KeyVersion, h.Seed}
+		gi, ok := index[k]
+		if !ok {
+			gi = len(groups)
+			index[k] = gi
+			groups = append(groups, &group{tenantID: k.tenantID, version: k.version, seed: k.seed})
+		}
+		p.group, prev = gi, i
 	}
-	return total
+	return groups, total
 }
 
-// keysFor resolves and derives the key of every parsed item, once per
-// (tenant, version) and once per (tenant, version, seed).
-func (e *Engine) keysFor(ctx context.Context, resolve Resolver, ps []parsed, res []Opened) {
+// keysFor resolves each group's key version (once per tenant and version)
+// and finds its data key in the cache or derives it.
+func (e *Engine) keysFor(ctx context.Context, resolve Resolver, groups []*group) {
 	type tv struct {
 		tenantID uint64
 		version  uint32
@@ -120,23 +168,9 @@ func (e *Engine) keysFor(ctx context.Context, resolve Resolver, ps []parsed, res
 		ref *KeyRef
 		err error
 	}
-	type group struct {
-		key *dek
-		err error
-	}
 	refs := map[tv]resolved{}
-	keys := map[openKey]group{}
-	var prev *parsed // the last item that got a key: batches are mostly one group
-	for i := range ps {
-		if res[i].Err != nil {
-			continue
-		}
-		p := &ps[i]
-		if prev != nil && p.hdr.TenantID == prev.hdr.TenantID && p.hdr.KeyVersion == prev.hdr.KeyVersion && p.hdr.Seed == prev.hdr.Seed {
-			p.key, p.ref = prev.key, prev.ref
-			continue
-		}
-		k := tv{p.hdr.TenantID, p.hdr.KeyVersion}
+	for _, g := range groups {
+		k := tv{g.tenantID, g.version}
 		r, ok := refs[k]
 		if !ok {
 			ref, err := resolve(ctx, k.tenantID, k.version)
@@ -146,21 +180,9 @@ func (e *Engine) keysFor(ctx context.Context, resolve Resolver, ps []parsed, res
 			r = resolved{&ref, err}
 			refs[k] = r
 		}
-		if r.err != nil {
-			res[i].Err = r.err
+		if g.ref, g.err = r.ref, r.err; g.err != nil {
 			continue
 		}
-		ok2 := openKey{*r.ref, p.hdr.Seed}
-		g, ok := keys[ok2]
-		if !ok {
-			g.key, g.err = e.openingKey(ctx, r.ref, p.hdr.Seed)
-			keys[ok2] = g
-		}
-		if g.err != nil {
-			res[i].Err = g.err
-			continue
-		}
-		p.key, p.ref = g.key, r.ref
-		prev = p
+		g.key, g.fresh, g.err = e.openingKey(ctx, g.ref, g.seed)
 	}
 }

@@ -55,6 +55,9 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 	if len(ref.Tenant) == 0 || len(ref.Tenant) > wire.MaxTenantLen {
 		return fmt.Errorf("envelope: tenant name of %d bytes, want 1 to %d", len(ref.Tenant), wire.MaxTenantLen)
 	}
+	if ref.TenantID == 0 || ref.Version == 0 {
+		return fmt.Errorf("envelope: tenant id and key version must not be zero")
+	}
 	total := 0
 	for i := range items {
 		n := len(items[i].Plaintext)

@@ -35,7 +35,7 @@ func TestVectors(t *testing.T) {
 			if v.Text == "" {
 				data = v.Ciphertext
 			}
-			res := e.Open(context.Background(), resolver(v.RequestTenant, vectorRef(&v)), []envelope.Ciphertext{{Data: data, Context: v.Context}})
+			res := mustOpen(t, e, context.Background(), resolver(v.RequestTenant, vectorRef(&v)), []envelope.Ciphertext{{Data: data, Context: v.Context}})
 			switch v.Class {
 			case vectors.Success:
 				if res[0].Err != nil || !bytes.Equal(res[0].Plaintext, v.Plaintext) {

@@ -27,7 +27,7 @@ func (e *envelopeService) Encrypt(ctx context.Context, req *hsmdv1.EncryptReques
 	}
 	ref, ok := keyRef(t, t.Current)
 	if !ok {
-		return nil, fmt.Errorf("server: tenant %q has no current version %d", t.Name, t.Current)
+		return nil, fmt.Errorf("%w: tenant %q has no enabled current key version", errPrecondition, t.Name)
 	}
 	items := make([]envelope.Item, len(req.Items))
 	in := 0
@@ -60,15 +60,22 @@ func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptReques
 	for i, it := range req.Items {
 		items[i] = envelope.Ciphertext{Data: it.Ciphertext, Context: it.Context}
 	}
-	opened := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), items)
+	opened, err := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), items)
+	if err != nil {
+		return nil, err
+	}
 	results := make([]hsmdv1.DecryptResult, len(opened))
 	out := &hsmdv1.DecryptResponse{Results: make([]*hsmdv1.DecryptResult, len(opened))}
 	m := s.cfg.Metrics
 	okN, outBytes := 0, 0
+	mapped := map[error]*hsmdv1.ItemError{} // items of one group share their error: map and log it once
 	for i := range opened {
 		r := &results[i]
 		if err := opened[i].Err; err != nil {
-			r.Error = itemError(ctx, s.log, err)
+			if r.Error = mapped[err]; r.Error == nil {
+				r.Error = itemError(ctx, s.log, err)
+				mapped[err] = r.Error
+			}
 			m.items.WithLabelValues("Decrypt", r.Error.Reason).Inc()
 		} else {
 			r.Plaintext = opened[i].Plaintext

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/envelope/wire"
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/server"
@@ -212,5 +213,27 @@ func TestRequestErrors(t *testing.T) {
 	_, err = s.env.Decrypt(ctx, &hsmdv1.DecryptRequest{Items: []*hsmdv1.DecryptItem{{Ciphertext: make([]byte, 100+wire.Overhead+1)}}})
 	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "max_item_bytes") {
 		t.Errorf("decrypt of an oversized item: %v", err)
+	}
+}
+
+// TestDecryptSpanningTooManyKeys: a batch whose items name more data keys
+// than envelope.max_key_groups is refused before any HSM call.
+func TestDecryptSpanningTooManyKeys(t *testing.T) {
+	s := newStack(t, stackOpts{limits: server.Limits{MaxBatchItems: 2000}})
+	s.createTenant("acme")
+	ct := encrypt(t, s, "acme", &hsmdv1.EncryptItem{Plaintext: []byte("x")})[0]
+	before := s.hsmCalls()
+	var items []*hsmdv1.DecryptItem
+	for range envelope.DefaultMaxGroups + 1 {
+		f := bytes.Clone(ct)
+		rand.Read(f[14:30]) // the seed
+		items = append(items, &hsmdv1.DecryptItem{Ciphertext: f})
+	}
+	_, err := s.env.Decrypt(context.Background(), &hsmdv1.DecryptRequest{Items: items})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "max_key_groups") {
+		t.Fatalf("got %v", err)
+	}
+	if s.hsmCalls() != before {
+		t.Fatal("the refused batch cost HSM calls")
 	}
 }

@@ -18,11 +18,16 @@ const (
 	ReasonMalformed     = "MALFORMED"
 	ReasonDecryptFailed = "DECRYPT_FAILED"
 	ReasonUnavailable   = "UNAVAILABLE"
+	ReasonDeadline      = "DEADLINE_EXCEEDED"
 	ReasonInternal      = "INTERNAL"
 )
 
-// errNotFound marks an unknown tenant named by a request.
-var errNotFound = errors.New("not found")
+var (
+	// errNotFound marks an unknown tenant named by a request.
+	errNotFound = errors.New("not found")
+	// errPrecondition marks a request the tenant's state does not allow.
+	errPrecondition = errors.New("failed precondition")
+)
 
 // toStatus maps an error to a gRPC status, in this one place. Messages of
 // known errors are written to be safe to return (names and sizes, never
@@ -35,6 +40,13 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
+	// The caller's own deadline or cancellation, whatever it interrupted.
+	switch ctx.Err() {
+	case context.DeadlineExceeded:
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
+	case context.Canceled:
+		return status.Error(codes.Canceled, "canceled")
+	}
 	var le *limitError
 	switch {
 	case errors.As(err, &le):
@@ -45,6 +57,12 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.Is(err, store.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, envelope.ErrTooManyGroups):
+		return status.Errorf(codes.InvalidArgument, "%v (envelope.max_key_groups): split the batch", err)
+	case errors.Is(err, errPrecondition):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, store.ErrConflict):
+		return status.Error(codes.Aborted, "concurrent update; retry")
 	case errors.Is(err, envelope.ErrDerive):
 		log.LogAttrs(ctx, slog.LevelWarn, "data key derivation failed", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
 		return status.Error(codes.Unavailable, "the HSM is unavailable; retry later")
@@ -60,7 +78,8 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 	return status.Errorf(codes.Internal, "internal error (request id %s)", id)
 }
 
-// itemError maps the failure of one item of a batch.
+// itemError maps the failure of one item of a batch. Callers map each
+// distinct error once: it may log.
 func itemError(ctx context.Context, log *slog.Logger, err error) *hsmdv1.ItemError {
 	switch {
 	case errors.Is(err, envelope.ErrMalformed):
@@ -70,8 +89,11 @@ func itemError(ctx context.Context, log *slog.Logger, err error) *hsmdv1.ItemErr
 	}
 	st := status.Convert(toStatus(ctx, log, err))
 	reason := ReasonInternal
-	if st.Code() == codes.Unavailable {
+	switch st.Code() {
+	case codes.Unavailable:
 		reason = ReasonUnavailable
+	case codes.DeadlineExceeded, codes.Canceled:
+		reason = ReasonDeadline
 	}
 	return &hsmdv1.ItemError{Code: int32(st.Code()), Reason: reason, Message: st.Message()}
 }

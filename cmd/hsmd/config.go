@@ -49,6 +49,7 @@ type EnvelopeConfig struct {
 	MaxBytesPerKey uint64        `yaml:"max_bytes_per_key"`
 	MaxKeyAge      time.Duration `yaml:"max_key_age"`
 	CacheSize      int           `yaml:"cache_size"`
+	MaxKeyGroups   int           `yaml:"max_key_groups"` // data keys one decrypt batch may span
 }
 
 // LogConfig sets the log level: debug, info, warn or error.
@@ -109,8 +110,11 @@ func (c *Config) validate() error {
 	if c.Envelope.MaxItemsPerKey > 1<<32 {
 		return fmt.Errorf("envelope.max_items_per_key must be at most 2^32 (the AES-GCM random nonce bound)")
 	}
-	if c.Envelope.MaxKeyAge < 0 || c.Envelope.CacheSize < 0 {
-		return fmt.Errorf("envelope.max_key_age and envelope.cache_size must not be negative")
+	if c.Envelope.MaxKeyAge < 0 || c.Envelope.CacheSize < 0 || c.Envelope.MaxKeyGroups < 0 {
+		return fmt.Errorf("envelope.max_key_age, envelope.cache_size and envelope.max_key_groups must not be negative")
+	}
+	if n := c.Envelope.MaxItemsPerKey; n != 0 && n < uint64(c.Limits.MaxBatchItems) {
+		return fmt.Errorf("envelope.max_items_per_key (%d) must be at least limits.max_batch_items (%d)", n, c.Limits.MaxBatchItems)
 	}
 	return nil
 }
@@ -122,5 +126,6 @@ func (c *Config) envelopeConfig(d envelope.Deriver) envelope.Config {
 			MaxItems: c.Envelope.MaxItemsPerKey, MaxBytes: c.Envelope.MaxBytesPerKey, MaxAge: c.Envelope.MaxKeyAge,
 		},
 		CacheSize: c.Envelope.CacheSize,
+		MaxGroups: c.Envelope.MaxKeyGroups,
 	}
 }

@@ -188,6 +188,11 @@ func serveCmd(t *testing.T, dir string) *exec.Cmd {
 func TestDevServerEndToEnd(t *testing.T) {
 	dir := t.TempDir()
 	d := startDaemon(t, serveCmd(t, dir))
+	if fi, err := os.Stat(filepath.Join(dir, "var", "hsmd.sock")); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, want 0600", fi.Mode().Perm())
+	}
 	mustCLI(t, dir, "", "tenants", "create", "demo")
 	text := mustCLI(t, dir, "hello\n", "encrypt", "--tenant", "demo", "--text", "--context", "app=billing")
 	if !strings.HasPrefix(text, "hsmd:v1:") {

@@ -97,13 +97,13 @@ func listenUnix(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
 		}
 	}
+	// The socket is born 0600: no window in which the umask's mode applies.
+	// (Umask is process-wide; nothing else creates files while hsmd starts.)
+	old := syscall.Umask(0o177)
 	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
-		return nil, err
 	}
 	return l, nil
 }

@@ -58,6 +58,9 @@ func (p *profileFlags) load(logf func(string, ...any)) (*Config, error) {
 	if err := os.MkdirAll(c.DataDir, 0o700); err != nil {
 		return nil, err
 	}
+	if fi, err := os.Stat(c.DataDir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		logf("warning: the data directory %s is accessible to other users (mode %v); it should be 0700", c.DataDir, fi.Mode().Perm())
+	}
 	if p.dev {
 		if err := devProfile(c, logf); err != nil {
 			return nil, err

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"unicode"
 )
 
 // Format constants of version 1.
@@ -88,10 +89,10 @@ func Parse(ct []byte) (Header, []byte, error) {
 
 var b64 = base64.RawURLEncoding.Strict()
 
-// IsText reports whether b (after leading whitespace) starts with the text
-// prefix.
+// IsText reports whether b (after leading whitespace, as bytes.TrimSpace
+// sees it) starts with the text prefix.
 func IsText(b []byte) bool {
-	return bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte(TextPrefix))
+	return bytes.HasPrefix(bytes.TrimLeftFunc(b, unicode.IsSpace), []byte(TextPrefix))
 }
 
 // AppendText appends the text form of the binary ciphertext ct to dst.
@@ -111,6 +112,14 @@ func DecodeText(s []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: text form must start with %q", ErrMalformed, TextPrefix)
 	}
 	s = s[len(TextPrefix):]
+	// The decoder skips CR and LF even in strict mode: refuse them (and
+	// anything else outside the alphabet), so each ciphertext has exactly
+	// one text form.
+	for _, c := range s {
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return nil, fmt.Errorf("%w: text form is not unpadded base64url", ErrMalformed)
+		}
+	}
 	out := make([]byte, b64.DecodedLen(len(s)))
 	n, err := b64.Decode(out, s)
 	if err != nil {

@@ -45,6 +45,8 @@ func FuzzText(f *testing.F) {
 	f.Add([]byte("hsmd:v1:"))
 	f.Add([]byte("hsmd:v1:AB"))
 	f.Add([]byte(" hsmd:v1:AQE\n"))
+	f.Add([]byte("hsmd:v1:AQ\nE"))
+	f.Add([]byte("\vhsmd:v1:AQE"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, err := wire.DecodeText(data)
 		if err != nil {
@@ -57,6 +59,18 @@ func FuzzText(f *testing.F) {
 			t.Fatalf("decoded %q, re-encoded %q", data, got)
 		}
 	})
+}
+
+func TestTextFormIsCanonical(t *testing.T) {
+	good := wire.EncodeText(sample())
+	for _, bad := range []string{good[:12] + "\n" + good[12:], good[:12] + "\r" + good[12:], good + "=", good[:len(good)-1] + "+"} {
+		if _, err := wire.DecodeText([]byte(bad)); !errors.Is(err, wire.ErrMalformed) {
+			t.Errorf("%q decoded: %v", bad, err)
+		}
+	}
+	if !wire.IsText([]byte("\v" + good)) {
+		t.Error("IsText and DecodeText disagree on leading whitespace")
+	}
 }
 
 func TestParseErrors(t *testing.T) {
