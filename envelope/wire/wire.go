@@ -151,7 +151,8 @@ func AppendContext(dst []byte, context map[string]string) []byte {
 		}
 		return dst
 	}
-	keys := make([]string, 0, len(context))
+	var kbuf [16]string // most contexts are small: sort them without allocating
+	keys := kbuf[:0]
 	for k := range context {
 		keys = append(keys, k)
 	}
