@@ -7,7 +7,8 @@
 // secret: the PRF behind every data key), hsmd/wrap/v1 (AES-256 for AES-GCM),
 // hsmd/sig-p256/v1 and hsmd/sig-ed25519/v1 (signing key pairs). All secret
 // and private keys are generated in the token with CKA_TOKEN, CKA_PRIVATE,
-// CKA_SENSITIVE true and CKA_EXTRACTABLE false, so they never leave it.
+// CKA_SENSITIVE true and CKA_EXTRACTABLE, CKA_MODIFIABLE and CKA_COPYABLE
+// false, so they never leave it and cannot be changed or cloned.
 // LoadKeys looks them up once by label; PRF, WrapSeal/WrapOpen and Signer use
 // them.
 //
@@ -29,11 +30,22 @@
 // retryable: the failing call returns the error (there is no internal retry,
 // so callers keep control of their deadline) and the pool replaces the
 // session. A token or PIN failure (token removed or not present, PIN
-// incorrect, locked or expired) is fatal: Ready fails and every later
-// operation fails fast until the HSM is closed and reopened. On
-// CKR_USER_NOT_LOGGED_IN the HSM logs in again once, re-reading the PIN file
-// (the error is then retryable); if that fails, or the PIN came from a
-// descriptor, the error is fatal. Errors never contain PINs or key bytes.
+// incorrect, locked or expired) is fatal, and so is an invalid key or object
+// handle (the token was re-initialised or restored, so the loaded handles
+// are stale): Ready fails and every later operation fails fast until the
+// HSM is closed and reopened. On CKR_USER_NOT_LOGGED_IN the HSM logs in
+// again, re-reading the PIN file (the error is then retryable); however many
+// sessions see the loss, one login attempt is made for it. If that attempt
+// fails, or the PIN came from a descriptor, the error is fatal and no
+// further login is tried, so a wrong PIN cannot lock the token. Errors never
+// contain PINs or key bytes.
+//
+// # Readiness
+//
+// Ready checks the token state and computes a test HMAC with the kdk, at
+// most about once a second (results are reused) and with at most one probe
+// in flight, so that frequent probes against a hung module neither pile up
+// goroutines nor reach the module again.
 //
 // # PINs
 //

@@ -17,8 +17,10 @@ const (
 	// deadline, or a session was lost (and has been replaced). Retry later.
 	ClassRetryable
 	// ClassFatal errors mean the token is unusable (removed, PIN locked or
-	// expired, login lost): Ready fails from then on, every operation fails
-	// fast, and the HSM must be closed and reopened.
+	// expired, login lost, or the key handles loaded by LoadKeys gone
+	// because the token was re-initialised or restored under us): Ready
+	// fails from then on, every operation fails fast, and the HSM must be
+	// closed and reopened.
 	ClassFatal
 )
 
@@ -108,7 +110,11 @@ func IsFatal(err error) bool { return errors.Is(err, ErrFatal) }
 
 // classify maps a PKCS#11 return value to a Class. Session-level failures
 // are retryable (the pool replaces the session); token and PIN failures are
-// fatal; everything else is about the request.
+// fatal; everything else is about the request. An invalid key or object
+// handle is fatal: operations only use handles LoadKeys (or a search in the
+// same call) just found, so it means the token's objects were replaced
+// under us and every cached handle is stale. CKR_GENERAL_ERROR stays
+// permanent: SoftHSM returns it for a bad AES-GCM tag.
 func classify(rv pkcs11.Error) Class {
 	switch uint(rv) {
 	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED,
@@ -119,7 +125,8 @@ func classify(rv pkcs11.Error) Class {
 	case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_DEVICE_REMOVED,
 		pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_PIN_EXPIRED,
 		pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_INCORRECT,
-		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_USER_NOT_LOGGED_IN:
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_USER_NOT_LOGGED_IN,
+		pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_OBJECT_HANDLE_INVALID:
 		return ClassFatal
 	}
 	return ClassPermanent

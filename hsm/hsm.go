@@ -35,8 +35,10 @@ type HSM struct {
 	mu       sync.Mutex                // guards closing and inflight.Add
 	closing  bool
 	inflight sync.WaitGroup
-	joined   bool // registered as a user of the token's login
-	loginMu  sync.Mutex
+	joined   bool          // registered as a user of the token's login
+	loginMu  sync.Mutex    // serialises re-logins
+	loginGen atomic.Uint64 // number of successful re-logins
+	ready    readyProbe
 
 	fatal     atomic.Pointer[fatalState]
 	keys      atomic.Pointer[keySet]
@@ -196,12 +198,34 @@ func (h *HSM) login(s pkcs11.SessionHandle, pin []byte) error {
 	return fmt.Errorf("%w: token %q (check %s): %w", ErrLogin, h.cfg.TokenLabel, pinSource(h.cfg), wrapErr("login", err))
 }
 
-// relogin re-reads the PIN file and logs in again after the token reported
-// CKR_USER_NOT_LOGGED_IN. A PIN from a descriptor cannot be read twice, so
-// then the login loss is fatal.
-func (h *HSM) relogin(s pkcs11.SessionHandle) error {
+// relogin logs in again after the token reported CKR_USER_NOT_LOGGED_IN on
+// session s to a call that started at login generation seen. Every session
+// in use sees the loss, so relogin makes sure it costs at most one login
+// attempt: calls are serialised; if the HSM has gone fatal meanwhile it
+// returns that error, and if another call has logged in again since seen it
+// returns nil, both without touching the token. A failed attempt (wrong or
+// changed PIN, locked PIN, unreadable PIN file) is recorded as fatal before
+// the next caller gets the lock, so a bad PIN is never tried twice: tokens
+// lock the PIN after a few failures. Otherwise nil means logged in again.
+func (h *HSM) relogin(op string, s pkcs11.SessionHandle, seen uint64) error {
 	h.loginMu.Lock()
 	defer h.loginMu.Unlock()
+	if err := h.fatalErr(op); err != nil {
+		return err
+	}
+	if h.loginGen.Load() != seen {
+		return nil
+	}
+	if err := h.loginAgain(s); err != nil {
+		return h.noteFatal(&Error{Op: op, Class: ClassFatal, Err: err})
+	}
+	h.loginGen.Add(1)
+	return nil
+}
+
+// loginAgain re-reads the PIN file and logs the user in on s. A PIN from a
+// descriptor cannot be read twice, so then the login loss is final.
+func (h *HSM) loginAgain(s pkcs11.SessionHandle) error {
 	if h.cfg.PINFile == "" {
 		return errors.New("hsm: login lost and the PIN came from a descriptor")
 	}
@@ -232,25 +256,6 @@ func pinString(pin []byte) string {
 		return ""
 	}
 	return unsafe.String(unsafe.SliceData(pin), len(pin))
-}
-
-// Ready returns nil while the token is usable: the HSM is open, no fatal
-// error has been seen, and the token answers C_GetTokenInfo with its user
-// PIN neither locked nor expired. For readiness probes; it does not use a
-// pooled session. Once a fatal error has been seen Ready keeps failing; the
-// HSM must be closed and reopened.
-func (h *HSM) Ready(ctx context.Context) error {
-	return h.call(ctx, "ready", func() error {
-		ti, err := h.mod.GetTokenInfo(h.slot)
-		if err != nil {
-			return h.noteFatal(wrapErr("ready", err))
-		}
-		if ti.Flags&(pkcs11.CKF_USER_PIN_LOCKED|pkcs11.CKF_USER_PIN_TO_BE_CHANGED) != 0 {
-			return h.noteFatal(&Error{Op: "ready", Class: ClassFatal,
-				Err: pkcs11.Error(pkcs11.CKR_PIN_LOCKED)})
-		}
-		return nil
-	})
 }
 
 // noteFatal records err if it is fatal, so that Ready and later calls fail.

@@ -49,6 +49,9 @@ func TestKeyInfoRootKeysNotExtractable(t *testing.T) {
 		if !ki.Sensitive || ki.Extractable || !ki.Token || !ki.Private || ki.ValueReadable {
 			t.Errorf("KeyInfo(%s) = %+v; want sensitive, not extractable, token, private, value unreadable", label, ki)
 		}
+		if ki.Modifiable || ki.Copyable {
+			t.Errorf("KeyInfo(%s): modifiable=%v copyable=%v, want both false", label, ki.Modifiable, ki.Copyable)
+		}
 		if ki.Label != label || !bytes.Equal(ki.ID, hsm.KeyID(label)) {
 			t.Errorf("KeyInfo(%s): label %q id %x", label, ki.Label, ki.ID)
 		}

@@ -111,6 +111,13 @@ func rootKeyAttrs(label string) []*pkcs11.Attribute {
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		// No key derivation from it (derivation goes through HMAC only).
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		// Its attributes cannot be changed later (C_SetAttributeValue): a
+		// logged-in user cannot give it another use (CKA_WRAP, CKA_DERIVE,
+		// CKA_DECRYPT...) or relabel it to pass it off as another key.
+		pkcs11.NewAttribute(pkcs11.CKA_MODIFIABLE, false),
+		// C_CopyObject cannot clone it (a copy could be given weaker
+		// attributes where the module allows that).
+		pkcs11.NewAttribute(pkcs11.CKA_COPYABLE, false),
 	}
 }
 
@@ -128,9 +135,11 @@ func kdkTemplate(label string) []*pkcs11.Attribute {
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
 		// 32 bytes: the HMAC-SHA256 key length SoftHSM requires at least.
 		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-		// HMAC is a PKCS#11 sign/verify operation.
+		// HMAC is a PKCS#11 sign operation; hsmd only ever computes it
+		// (C_Sign), never checks one, so C_Verify is off (SoftHSM would
+		// default it to on).
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
 		// Not a cipher key.
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),

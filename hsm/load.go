@@ -170,6 +170,8 @@ type KeyInfo struct {
 	Private       bool // CKA_PRIVATE: needs login
 	Sensitive     bool // CKA_SENSITIVE: value never readable
 	Extractable   bool // CKA_EXTRACTABLE: may be wrapped out
+	Modifiable    bool // CKA_MODIFIABLE: attributes may be changed
+	Copyable      bool // CKA_COPYABLE: C_CopyObject may clone it
 	ValueReadable bool // reading CKA_VALUE succeeded (must be false for a root key)
 }
 
@@ -195,7 +197,8 @@ func (h *HSM) KeyInfo(ctx context.Context, label string) (KeyInfo, error) {
 
 func readKeyInfo(m Module, s pkcs11.SessionHandle, o pkcs11.ObjectHandle) (KeyInfo, error) {
 	types := []uint{pkcs11.CKA_LABEL, pkcs11.CKA_ID, pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE,
-		pkcs11.CKA_TOKEN, pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE}
+		pkcs11.CKA_TOKEN, pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE,
+		pkcs11.CKA_MODIFIABLE, pkcs11.CKA_COPYABLE}
 	temp := make([]*pkcs11.Attribute, len(types))
 	for i, t := range types {
 		temp[i] = pkcs11.NewAttribute(t, nil)
@@ -209,6 +212,7 @@ func readKeyInfo(m Module, s pkcs11.SessionHandle, o pkcs11.ObjectHandle) (KeyIn
 		Class: bytesToUint(a[2].Value), KeyType: bytesToUint(a[3].Value),
 		Token: isTrue(a[4].Value), Private: isTrue(a[5].Value),
 		Sensitive: isTrue(a[6].Value), Extractable: isTrue(a[7].Value),
+		Modifiable: isTrue(a[8].Value), Copyable: isTrue(a[9].Value),
 	}
 	v, err := m.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
 	if err == nil && len(v) == 1 && len(v[0].Value) > 0 {

@@ -15,8 +15,8 @@ type sessionFunc func(m Module, s pkcs11.SessionHandle) error
 // error, and otherwise counts the call as in flight. The caller must make
 // sure h.inflight.Done is called exactly once.
 func (h *HSM) enter(op string) error {
-	if f := h.fatal.Load(); f != nil {
-		return fmt.Errorf("hsm: %s: token unusable: %w", op, f.err)
+	if err := h.fatalErr(op); err != nil {
+		return err
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -27,15 +27,13 @@ func (h *HSM) enter(op string) error {
 	return nil
 }
 
-// call runs fn under the deadline of ctx and CallTimeout, without a pooled
-// session. fn runs in its own goroutine and always runs to completion.
-func (h *HSM) call(ctx context.Context, op string, fn func() error) error {
-	if err := h.enter(op); err != nil {
-		return err
+// fatalErr returns an error wrapping the recorded fatal error, or nil if
+// none has been seen.
+func (h *HSM) fatalErr(op string) error {
+	if f := h.fatal.Load(); f != nil {
+		return fmt.Errorf("hsm: %s: token unusable: %w", op, f.err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, h.cfg.CallTimeout)
-	defer cancel()
-	return h.await(ctx, op, fn)
+	return nil
 }
 
 // await runs fn in a goroutine that owns one h.inflight count, and waits
@@ -65,17 +63,34 @@ func (h *HSM) do(ctx context.Context, op string, fn sessionFunc) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, h.cfg.CallTimeout)
 	defer cancel()
-	var s pkcs11.SessionHandle
-	select {
-	case s = <-h.pool:
-	case <-h.closed:
+	s, err := h.take(ctx, op)
+	if err != nil {
 		h.inflight.Done()
-		return fmt.Errorf("hsm: %s: %w", op, ErrClosed)
-	case <-ctx.Done():
-		h.inflight.Done()
-		return ctxErr(op, ErrBusy, ctx.Err())
+		return err
 	}
 	return h.await(ctx, op, func() error { return h.run(op, s, fn) })
+}
+
+// take waits for a pooled session until ctx is done. It checks ctx before
+// and after waiting: select picks at random among ready cases, so a caller
+// whose deadline has passed could otherwise still get a free session and
+// start HSM work it has already given up on.
+func (h *HSM) take(ctx context.Context, op string) (pkcs11.SessionHandle, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, ctxErr(op, ErrBusy, err)
+	}
+	select {
+	case s := <-h.pool:
+		if err := ctx.Err(); err != nil {
+			h.pool <- s // never blocks: we just took it
+			return 0, ctxErr(op, ErrBusy, err)
+		}
+		return s, nil
+	case <-h.closed:
+		return 0, fmt.Errorf("hsm: %s: %w", op, ErrClosed)
+	case <-ctx.Done():
+		return 0, ctxErr(op, ErrBusy, ctx.Err())
+	}
 }
 
 // run executes fn on s (opening a session first if s is 0), classifies the
@@ -84,20 +99,24 @@ func (h *HSM) run(op string, s pkcs11.SessionHandle, fn sessionFunc) (err error)
 	defer func() {
 		h.pool <- s // never blocks: at most cap(h.pool) sessions exist
 	}()
+	if err := h.fatalErr(op); err != nil {
+		return err // went fatal while this call waited for the session
+	}
 	if s == 0 {
 		if s, err = h.openSession(); err != nil {
 			s = 0
 			return h.noteFatal(err)
 		}
 	}
+	gen := h.loginGen.Load() // before fn, so a re-login during fn counts
 	err = wrapErr(op, fn(h.mod, s))
 	var rv pkcs11.Error
 	if !errors.As(err, &rv) {
 		return err
 	}
 	if rv == pkcs11.CKR_USER_NOT_LOGGED_IN {
-		if lerr := h.relogin(s); lerr != nil {
-			return h.noteFatal(&Error{Op: op, Class: ClassFatal, Err: lerr})
+		if lerr := h.relogin(op, s, gen); lerr != nil {
+			return lerr
 		}
 		return &Error{Op: op, Class: ClassRetryable, Err: rv}
 	}
