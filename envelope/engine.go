@@ -95,7 +95,9 @@ type Engine struct {
 	stats    stats
 }
 
-// New returns an Engine, filling in defaults.
+// New returns an Engine, filling in the defaults of zero fields. It fails
+// only if cfg.Deriver is nil. The Engine holds no resources: there is
+// nothing to close.
 func New(cfg Config) (*Engine, error) {
 	if cfg.Deriver == nil {
 		return nil, errors.New("envelope: Config.Deriver is required")

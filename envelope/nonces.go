@@ -2,6 +2,7 @@ package envelope
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
@@ -36,15 +37,32 @@ func (e *Engine) nonceSource(n int) (nonces, error) {
 	return nonces{buf: buf}, nil
 }
 
-// worker returns the function one worker uses to fill item i's nonce. It
-// panics if crypto/rand fails, as crypto/rand.Read itself does.
-func (ns nonces) worker() func(i int, dst []byte) {
+// worker returns the generator one worker uses.
+func (ns nonces) worker() nonceGen {
 	if ns.buf != nil {
-		return func(i int, dst []byte) { copy(dst, ns.buf[i*wire.NonceSize:]) }
+		return nonceGen{buf: ns.buf}
 	}
 	var key [32]byte
-	rand.Read(key[:])
-	s := mrand.NewChaCha8(key)
+	rand.Read(key[:]) // panics if the OS source fails, as crypto/rand does
+	g := nonceGen{s: mrand.NewChaCha8(key)}
 	clear(key[:])
-	return func(_ int, dst []byte) { s.Read(dst) }
+	return g
+}
+
+// nonceGen fills the nonces of one worker's items.
+type nonceGen struct {
+	buf []byte
+	s   *mrand.ChaCha8
+}
+
+// fill writes item i's 12-byte nonce into dst.
+func (g nonceGen) fill(i int, dst []byte) {
+	if g.buf != nil {
+		copy(dst, g.buf[i*wire.NonceSize:])
+		return
+	}
+	// Two words rather than Read, which buffers partial words: 12 of the 16
+	// bytes are used.
+	binary.LittleEndian.PutUint64(dst[:8], g.s.Uint64())
+	binary.LittleEndian.PutUint32(dst[8:12], uint32(g.s.Uint64()))
 }

@@ -84,15 +84,23 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 	hdr := wire.Header{Version: wire.Version1, Suite: wire.SuiteAES256GCM, TenantID: ref.TenantID, KeyVersion: ref.Version, Seed: seed}
 	hdr.Put(tmpl[:])
 	e.parallel(len(items), total, func(lo, hi int) {
-		var aadBuf [256]byte
-		aad := aadBuf[:0]
-		next := nonces.worker()
+		// The AAD is the header, the tenant and the context: build it once
+		// and change only the nonce per item; items with a context get a
+		// copy with their context appended.
+		var aadBuf, ctxBuf [256]byte
+		noContext := wire.AppendAAD(aadBuf[:0], tmpl[:], ref.Tenant, nil)
+		ctxAt := len(noContext) - 4
+		gen := nonces.worker()
 		for i := lo; i < hi; i++ {
 			ct := out[i]
-			copy(ct, tmpl[:wire.HeaderSize-wire.NonceSize])
 			nonce := ct[wire.HeaderSize-wire.NonceSize : wire.HeaderSize]
-			next(i, nonce)
-			aad = wire.AppendAAD(aad[:0], ct[:wire.HeaderSize], ref.Tenant, items[i].Context)
+			copy(ct, tmpl[:wire.HeaderSize-wire.NonceSize])
+			gen.fill(i, nonce)
+			copy(noContext[wire.HeaderSize-wire.NonceSize:], nonce)
+			aad := noContext
+			if len(items[i].Context) > 0 {
+				aad = wire.AppendContext(append(ctxBuf[:0], noContext[:ctxAt]...), items[i].Context)
+			}
 			key.aead.Seal(ct[wire.HeaderSize:wire.HeaderSize], nonce, items[i].Plaintext, aad)
 		}
 	})

@@ -47,7 +47,9 @@ func (l Limits) WithDefaults() Limits {
 	return l
 }
 
-// Validate names the first bad field by its YAML path.
+// Validate returns an error naming the first bad field by its YAML path
+// (limits.max_item_bytes …), or nil. Zero fields are valid: they mean the
+// default.
 func (l Limits) Validate() error {
 	for _, f := range []struct {
 		name string

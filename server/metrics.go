@@ -21,8 +21,10 @@ type Metrics struct {
 	ready      prometheus.Gauge
 }
 
-// NewMetrics registers hsmd's metrics with reg. engineStats, if set, is
-// exported as the DEK cache counters.
+// NewMetrics registers hsmd's metrics with reg and returns them.
+// engineStats, if set, is read at every scrape and exported as the DEK cache
+// counters. It panics if the metrics are already registered with reg (as
+// prometheus.MustRegister does): use one registry per Server.
 func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *Metrics {
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{

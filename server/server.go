@@ -53,7 +53,9 @@ type Server struct {
 	health *health.Server
 }
 
-// New checks cfg and returns a Server.
+// New checks cfg (Store, Engine and Metrics are required; Limits must
+// validate) and returns a Server. The Server does not own the store or the
+// engine: the caller closes them after stopping the gRPC server.
 func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil || cfg.Engine == nil || cfg.Metrics == nil {
 		return nil, errors.New("server: Config.Store, Engine and Metrics are required")
