@@ -3,11 +3,13 @@
 //
 // # Layout
 //
-// The file holds three top-level buckets:
+// The file holds four top-level buckets:
 //
 //	meta     "version" → format version, 8-byte big-endian (FormatVersion)
+//	         "state"   → the sealed state (store.EncodeState), sealed stores only
 //	tenants  tenant name → record (JSON, see below)
 //	ids      tenant ID, 8-byte big-endian → tenant name
+//	macs     tenant name → the record's MAC (store.RecordMAC), sealed stores only
 //
 // A record is the JSON object {"revision": N, "tenant": T}, where T is the
 // encoding/json form of store.Tenant (its struct tags fix the field names;
@@ -40,6 +42,8 @@ import (
 
 	bbolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/hsmd/hsmd/store"
 )
 
 // FormatVersion is the version of the file layout written by this package.
@@ -68,7 +72,9 @@ var (
 	bucketMeta    = []byte("meta")
 	bucketTenants = []byte("tenants")
 	bucketIDs     = []byte("ids")
+	bucketMACs    = []byte("macs") // tenant name → record MAC (sealed stores)
 	keyVersion    = []byte("version")
+	keyState      = []byte("state") // in meta: the sealed state
 )
 
 // Options configure Open. The zero value is ready to use.
@@ -77,6 +83,10 @@ type Options struct {
 	// DefaultLockTimeout; a negative value is an error (bbolt would wait
 	// forever).
 	LockTimeout time.Duration
+	// Sealer, if set, authenticates every record and binds the store to
+	// the rollback counter (see store.Sealed). Without it the store keeps
+	// no MACs: only before init, or with --insecure-no-tpm.
+	Sealer store.Sealer
 }
 
 // Store is a store.Store kept in a bbolt file. It is safe for concurrent
@@ -90,6 +100,7 @@ type Store struct {
 	db     *bbolt.DB // nil once closed
 	path   string
 	closed bool
+	sealer store.Sealer
 }
 
 // Open opens the store in the file at path, creating the file (mode 0600)
@@ -118,7 +129,7 @@ func Open(path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("bolt: open %s: %w", path, err)
 	}
-	return &Store{db: db, path: path}, nil
+	return &Store{db: db, path: path, sealer: opts.Sealer}, nil
 }
 
 // initBuckets creates the buckets of an empty file, or checks the format
@@ -147,7 +158,8 @@ func initBuckets(tx *bbolt.Tx) error {
 			return fmt.Errorf("%w: no %q bucket", ErrFormat, b)
 		}
 	}
-	return nil
+	_, err := tx.CreateBucketIfNotExists(bucketMACs) // added after format 1 shipped; compatible
+	return err
 }
 
 func createBuckets(tx *bbolt.Tx) error {
@@ -158,7 +170,7 @@ func createBuckets(tx *bbolt.Tx) error {
 	if err := meta.Put(keyVersion, binary.BigEndian.AppendUint64(nil, FormatVersion)); err != nil {
 		return err
 	}
-	for _, b := range [][]byte{bucketTenants, bucketIDs} {
+	for _, b := range [][]byte{bucketTenants, bucketIDs, bucketMACs} {
 		if _, err := tx.CreateBucket(b); err != nil {
 			return err
 		}

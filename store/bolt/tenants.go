@@ -85,7 +85,10 @@ func (s *Store) CreateTenant(ctx context.Context, t *store.Tenant) error {
 		if err := tenants.Put(name, val); err != nil {
 			return err
 		}
-		return ids.Put(id, name)
+		if err := ids.Put(id, name); err != nil {
+			return err
+		}
+		return s.sealWrite(tx, t.Name, nil, val)
 	})
 	if err != nil {
 		return err
@@ -212,6 +215,10 @@ func (s *Store) UpdateTenant(ctx context.Context, t *store.Tenant) error {
 		if old.Revision != t.Revision {
 			return fmt.Errorf("bolt: update tenant %q: %w: revision %d, stored %d",
 				t.Name, store.ErrConflict, t.Revision, old.Revision)
+		}
+		oldVal := tx.Bucket(bucketTenants).Get([]byte(t.Name))
+		if err := s.sealWrite(tx, t.Name, oldVal, val); err != nil {
+			return err
 		}
 		return tx.Bucket(bucketTenants).Put([]byte(t.Name), val)
 	})
