@@ -22,12 +22,16 @@ const (
 // Config says which token to use and how. It holds where the PIN is, never
 // the PIN itself, so it may be logged; String prints no secret.
 type Config struct {
-	Module      string        `yaml:"module" json:"module"`             // path to the PKCS#11 module (.so)
-	TokenLabel  string        `yaml:"token_label" json:"token_label"`   // CKA_LABEL of the token
-	PINFile     string        `yaml:"pin_file" json:"pin_file"`         // file holding the user PIN; one trailing newline (\n or \r\n) is trimmed; at most MaxPINSize bytes
-	PINFD       int           `yaml:"pin_fd" json:"pin_fd"`             // or a file descriptor (> 0) to read the PIN from until EOF, then closed; 0 or negative = unused (so stdin cannot be used)
-	Sessions    int           `yaml:"sessions" json:"sessions"`         // session pool size; 0 = DefaultSessions
-	CallTimeout time.Duration `yaml:"call_timeout" json:"call_timeout"` // deadline for one HSM operation and for waiting on the pool; 0 = DefaultCallTimeout
+	Module     string `yaml:"module" json:"module"`           // path to the PKCS#11 module (.so)
+	TokenLabel string `yaml:"token_label" json:"token_label"` // CKA_LABEL of the token
+	PINFile    string `yaml:"pin_file" json:"pin_file"`       // file holding the user PIN; one trailing newline (\n or \r\n) is trimmed; at most MaxPINSize bytes
+	PINFD      int    `yaml:"pin_fd" json:"pin_fd"`           // or a file descriptor (> 0) to read the PIN from until EOF, then closed; 0 or negative = unused (so stdin cannot be used)
+	// PINSource, if set, supplies the PIN instead of a file or descriptor:
+	// the daemon unseals it from the TPM. It returns a fresh copy that the
+	// HSM clears after use; it may be called again to log in again.
+	PINSource   func() ([]byte, error) `yaml:"-" json:"-"`
+	Sessions    int                    `yaml:"sessions" json:"sessions"`         // session pool size; 0 = DefaultSessions
+	CallTimeout time.Duration          `yaml:"call_timeout" json:"call_timeout"` // deadline for one HSM operation and for waiting on the pool; 0 = DefaultCallTimeout
 }
 
 // Validate checks c and names the offending field in its error (for
@@ -48,7 +52,9 @@ func (c Config) Validate() error {
 		return bad("hsm.token_label must not contain pin-value=; use hsm.pin_file or hsm.pin_fd")
 	case len(c.TokenLabel) > 32:
 		return bad("hsm.token_label is longer than 32 bytes")
-	case c.PINFile == "" && c.PINFD <= 0:
+	case c.PINSource != nil && (c.PINFile != "" || c.PINFD > 0):
+		return bad("the PIN is sealed in the TPM: remove hsm.pin_file and hsm.pin_fd")
+	case c.PINSource == nil && c.PINFile == "" && c.PINFD <= 0:
 		return bad("hsm.pin_file or hsm.pin_fd is required")
 	case c.PINFile != "" && c.PINFD > 0:
 		return bad("hsm.pin_file and hsm.pin_fd are mutually exclusive")
@@ -80,6 +86,8 @@ func (c Config) withDefaults() Config {
 func (c Config) String() string {
 	pin := "none"
 	switch {
+	case c.PINSource != nil:
+		pin = "sealed"
 	case c.PINFile != "":
 		pin = "file:" + c.PINFile
 	case c.PINFD > 0:
@@ -92,9 +100,21 @@ func (c Config) String() string {
 // GoString is String, so that %#v prints no more than %v.
 func (c Config) GoString() string { return c.String() }
 
+// ReadPIN reads the PIN from the configured source, for `hsmd init` to seal
+// it. The caller must clear the returned slice after use. Errors name the
+// source, never the content.
+func (c Config) ReadPIN() ([]byte, error) { return c.readPIN() }
+
 // readPIN reads the PIN from the configured source. The caller must clear
 // the returned slice after use. Errors name the source, never the content.
 func (c Config) readPIN() ([]byte, error) {
+	if c.PINSource != nil {
+		pin, err := c.PINSource()
+		if err != nil {
+			return nil, fmt.Errorf("%w: unsealing the PIN: %w", ErrLogin, err)
+		}
+		return pin, nil
+	}
 	var (
 		f   *os.File
 		src string

@@ -49,7 +49,8 @@
 //
 // # PINs
 //
-// The user PIN is read once from Config.PINFile or Config.PINFD (at most
+// The user PIN is read once from Config.PINFile, Config.PINFD or
+// Config.PINSource (the daemon's TPM-sealed PIN) (at most
 // MaxPINSize bytes, one trailing newline trimmed) and cleared from memory
 // after login. Erasure is best effort: the PKCS#11 binding and module copy
 // the PIN into C memory that this package cannot clear. Config prints the

@@ -223,10 +223,11 @@ func (h *HSM) relogin(op string, s pkcs11.SessionHandle, seen uint64) error {
 	return nil
 }
 
-// loginAgain re-reads the PIN file and logs the user in on s. A PIN from a
-// descriptor cannot be read twice, so then the login loss is final.
+// loginAgain re-reads the PIN (file or source) and logs the user in on s.
+// A PIN from a descriptor cannot be read twice, so then the login loss is
+// final.
 func (h *HSM) loginAgain(s pkcs11.SessionHandle) error {
-	if h.cfg.PINFile == "" {
+	if h.cfg.PINFile == "" && h.cfg.PINSource == nil {
 		return errors.New("hsm: login lost and the PIN came from a descriptor")
 	}
 	pin, err := h.cfg.readPIN()
@@ -242,6 +243,9 @@ func (h *HSM) loginAgain(s pkcs11.SessionHandle) error {
 }
 
 func pinSource(c Config) string {
+	if c.PINSource != nil {
+		return "the TPM-sealed PIN"
+	}
 	if c.PINFile != "" {
 		return "hsm.pin_file"
 	}

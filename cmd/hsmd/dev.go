@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/internal/fsutil"
 	"github.com/hsmd/hsmd/softhsm"
 )
 
@@ -67,7 +68,7 @@ func newDevToken(module, dir, pinFile string) error {
 		line := make([]byte, len(f.pin)+1)
 		copy(line, f.pin)
 		line[len(f.pin)] = '\n'
-		err := writeFileAtomic(f.path, line, 0o600)
+		err := fsutil.WriteFileAtomic(f.path, line, 0o600)
 		clear(line)
 		if err != nil {
 			return fmt.Errorf("dev profile: %w", err)
@@ -85,39 +86,4 @@ func randomPIN() []byte {
 	var b [16]byte
 	rand.Read(b[:])
 	return []byte(hex.EncodeToString(b[:]))
-}
-
-// writeFileAtomic writes a file durably: a temp file, fsync, rename, fsync
-// of the directory.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
