@@ -19,8 +19,8 @@ GO ?= go
 # Project-local tools, installed by `go install` with GOBIN.
 TOOLS_BIN := $(CURDIR)/.bin
 
-# Debian packages the tests and the dev server need. Later: swtpm swtpm-tools etcd-server.
-PKGS := softhsm2
+# Debian packages the tests and the dev server need (etcd-server comes with clustering).
+PKGS := softhsm2 swtpm swtpm-tools
 # Debian packages `make proto` needs.
 PROTO_PKGS := protobuf-compiler
 

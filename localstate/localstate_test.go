@@ -1,15 +1,21 @@
 package localstate_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	bbolt "go.etcd.io/bbolt"
 
 	"github.com/hsmd/hsmd/localstate"
 	"github.com/hsmd/hsmd/store"
 	"github.com/hsmd/hsmd/store/bolt"
+	"github.com/hsmd/hsmd/store/storetest"
 	"github.com/hsmd/hsmd/tpm"
 	"github.com/hsmd/hsmd/tpm/tpmtest"
 )
@@ -137,6 +143,44 @@ func TestRollbackAndEditsAreRefused(t *testing.T) {
 		var ah *localstate.AheadError
 		if _, err := localstate.Check(ctx, tp, st); !errors.As(err, &ah) {
 			t.Fatalf("check of a store ahead: %v", err)
+		}
+		// A store sealed with another state key (another init): tampered.
+		if _, err := localstate.Check(ctx, tp, openStore(t, earlier, storetest.HMACSealer("another key"))); !errors.Is(err, store.ErrTampered) {
+			t.Fatalf("check with another state key: %v", err)
+		}
+	})
+}
+
+// TestOfflineEditIsRefused: a tenant record changed in the file, with the
+// TPM's secrets intact, fails Check naming the tenant.
+func TestOfflineEditIsRefused(t *testing.T) {
+	providers(t, func(t *testing.T, cfg tpm.Config, _ *tpmtest.Swtpm) {
+		ctx := context.Background()
+		tp := openTPM(t, cfg)
+		dir, sec, _ := initDir(t, tp)
+		st := openStore(t, dir, sec)
+		tn := &store.Tenant{Name: "acme", ID: 7, Current: 1, Versions: []store.KeyVersion{{Version: 1, KDKVersion: 1, State: store.StateEnabled}}}
+		tn.Salt[0] = 1
+		if err := st.CreateTenant(ctx, tn); err != nil {
+			t.Fatal(err)
+		}
+		st.Close()
+		db, err := bbolt.Open(filepath.Join(dir, "hsmd.db"), 0o600, &bbolt.Options{Timeout: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bbolt.Tx) error {
+			b := tx.Bucket([]byte("tenants"))
+			return b.Put([]byte("acme"), bytes.Replace(b.Get([]byte("acme")), []byte(`"current":1`), []byte(`"current":2`), 1))
+		})
+		db.Close()
+		sec2, err := localstate.Unseal(ctx, tp, dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = localstate.Check(ctx, tp, openStore(t, dir, sec2))
+		if !errors.Is(err, store.ErrTampered) || !strings.Contains(err.Error(), `tenant "acme"`) {
+			t.Fatalf("check after an offline edit: %v", err)
 		}
 	})
 }

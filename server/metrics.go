@@ -12,13 +12,16 @@ import (
 // Metrics are hsmd's Prometheus metrics. Labels carry method names, codes
 // and operation names only: never tenants' data, contexts or keys.
 type Metrics struct {
-	requests   *prometheus.CounterVec   // method, code
-	items      *prometheus.CounterVec   // method, result
-	latency    *prometheus.HistogramVec // method
-	bytes      *prometheus.CounterVec   // method, direction
-	hsmCalls   *prometheus.CounterVec   // op, result
-	hsmLatency *prometheus.HistogramVec // op
-	ready      prometheus.Gauge
+	requests    *prometheus.CounterVec   // method, code
+	items       *prometheus.CounterVec   // method, result
+	latency     *prometheus.HistogramVec // method
+	bytes       *prometheus.CounterVec   // method, direction
+	hsmCalls    *prometheus.CounterVec   // op, result
+	hsmLatency  *prometheus.HistogramVec // op
+	ready       prometheus.Gauge
+	tpmUp       prometheus.Gauge
+	tpmInsecure prometheus.Gauge
+	reg         prometheus.Registerer
 }
 
 // NewMetrics registers hsmd's metrics with reg and returns them.
@@ -50,8 +53,15 @@ func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *M
 		ready: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "hsmd_ready", Help: "1 while hsmd can serve (HSM usable), else 0.",
 		}),
+		tpmUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "hsmd_tpm_up", Help: "1 while the TPM answers, else 0 (serving goes on without it).",
+		}),
+		tpmInsecure: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "hsmd_tpm_insecure", Help: "1 if hsmd runs without a TPM (--insecure-no-tpm).",
+		}),
+		reg: reg,
 	}
-	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready)
+	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready, m.tpmUp, m.tpmInsecure)
 	if engineStats != nil {
 		cache := func(name, help, op string, f func(envelope.Stats) uint64) prometheus.Collector {
 			return prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -66,6 +76,12 @@ func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *M
 		)
 	}
 	return m
+}
+
+func (m *Metrics) registerCounter(f func() uint64) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "hsmd_rollback_counter", Help: "The TPM rollback counter value the data directory is bound to.",
+	}, func() float64 { return float64(f()) }))
 }
 
 // InstrumentDeriver counts and times d's calls as HSM calls of op "hmac".

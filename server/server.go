@@ -40,11 +40,26 @@ type Config struct {
 	// Ready reports whether the HSM is usable; it drives the health
 	// service. Nil means always ready.
 	Ready func(context.Context) error
+	// TPM reports whether the TPM answers. It does not gate serving (the
+	// secrets are unsealed at start); it drives the health of TPMService
+	// and hsmd_tpm_up. Nil: no TPM.
+	TPM func(context.Context) error
+	// InsecureNoTPM: hsmd runs without a TPM (--insecure-no-tpm); shown in
+	// health (TPMService NOT_SERVING) and metrics (hsmd_tpm_insecure 1).
+	InsecureNoTPM bool
+	// RollbackCounter, if set, is exported as hsmd_rollback_counter.
+	RollbackCounter func() uint64
 	// Rand draws tenant IDs and salts; default crypto/rand.Reader.
 	Rand io.Reader
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
+
+// TPMService is the health service name that reports the TPM: SERVING
+// while it answers, NOT_SERVING when it does not or hsmd runs without one.
+// The overall status ("") follows the HSM only: the data plane works
+// without the TPM once the secrets are unsealed.
+const TPMService = "hsmd.tpm"
 
 // Server is hsmd's gRPC front end. It is safe for concurrent use.
 type Server struct {
@@ -75,6 +90,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.InsecureNoTPM {
+		cfg.Metrics.tpmInsecure.Set(1)
+	}
+	if cfg.RollbackCounter != nil {
+		cfg.Metrics.registerCounter(cfg.RollbackCounter)
 	}
 	return &Server{cfg: cfg, log: cfg.Logger, health: health.NewServer()}, nil
 }
@@ -130,6 +151,20 @@ func (s *Server) checkReady(ctx context.Context) {
 		s.health.SetServingStatus(svc, st)
 	}
 	s.cfg.Metrics.ready.Set(v)
+	s.checkTPM(ctx)
+}
+
+func (s *Server) checkTPM(ctx context.Context) {
+	st, up := healthpb.HealthCheckResponse_NOT_SERVING, 0.0
+	if s.cfg.TPM != nil {
+		if err := s.cfg.TPM(ctx); err != nil {
+			s.log.LogAttrs(ctx, slog.LevelWarn, "the TPM does not answer; serving goes on with the secrets unsealed at start", slog.Any("error", err))
+		} else {
+			st, up = healthpb.HealthCheckResponse_SERVING, 1
+		}
+	}
+	s.health.SetServingStatus(TPMService, st)
+	s.cfg.Metrics.tpmUp.Set(up)
 }
 
 type ctxKey struct{}

@@ -14,6 +14,7 @@ import (
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/server"
+	"github.com/hsmd/hsmd/tpm"
 )
 
 // Defaults of the configuration. The dev profile uses them all.
@@ -31,6 +32,7 @@ type Config struct {
 	DataDir  string         `yaml:"data_dir"`
 	Listen   ListenConfig   `yaml:"listen"`
 	HSM      hsm.Config     `yaml:"hsm"`
+	TPM      tpm.Config     `yaml:"tpm"`
 	Limits   server.Limits  `yaml:"limits"`
 	Envelope EnvelopeConfig `yaml:"envelope"`
 	Log      LogConfig      `yaml:"log"`
@@ -94,10 +96,17 @@ func (c *Config) applyDefaults() {
 	c.Limits = c.Limits.WithDefaults()
 }
 
-// validate names the YAML path of the first problem.
-func (c *Config) validate() error {
-	if err := c.HSM.Validate(); err != nil {
-		return err
+// validate names the YAML path of the first problem. insecure is
+// --insecure-no-tpm; the HSM's PIN source is checked once it is known.
+func (c *Config) validate(insecure bool) error {
+	if !insecure {
+		if c.TPM.Provider == "" || c.TPM.Provider == tpm.ProviderNone {
+			return withHint(errors.New("tpm.provider is required (device, swtpm or simulator)"),
+				"hsmd seals its PIN and state key to the TPM; to run without one, pass --insecure-no-tpm")
+		}
+		if err := c.TPM.Validate(); err != nil {
+			return err
+		}
 	}
 	if err := c.Limits.Validate(); err != nil {
 		return err

@@ -15,6 +15,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/hsmd/hsmd/localstate"
+	"github.com/hsmd/hsmd/tpm"
 )
 
 // These tests drive the real binary, the way the README does, against a
@@ -232,25 +237,58 @@ func checkMetrics(t *testing.T, url string) {
 	}
 }
 
-// checkNoSecrets: neither PIN of the dev token appears in what hsmd printed.
+// checkNoSecrets: the dev token's PIN, unsealed here from the simulator,
+// is in no file of the data directory and not in what hsmd printed.
 func checkNoSecrets(t *testing.T, dir, out string) {
 	t.Helper()
-	for _, f := range []string{"user.pin", "so.pin"} {
-		pin, err := os.ReadFile(filepath.Join(dir, "var", "softhsm", f))
-		if err != nil {
-			t.Fatal(err)
+	data := filepath.Join(dir, "var")
+	cfg, err := devSimulator(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp, err := tpm.Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tp.Close()
+	s, err := localstate.Unseal(context.Background(), tp, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin, _ := s.PIN()
+	if len(pin) < 16 || strings.Contains(out, string(pin)) {
+		t.Fatal("the PIN is in hsmd's output (or too short to check)")
+	}
+	err = filepath.Walk(data, func(p string, fi os.FileInfo, err error) error {
+		if err != nil || fi.IsDir() || fi.Mode()&os.ModeSocket != 0 {
+			return err
 		}
-		if p := strings.TrimSpace(string(pin)); len(p) < 16 || strings.Contains(out, p) {
-			t.Fatalf("%s is in hsmd's output (or too short to check)", f)
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, pin) {
+			t.Errorf("the PIN is in plaintext in %s", p)
 		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
 // TestServeRefusesWrongPIN: with a wrong PIN the daemon does not start, and
-// says why without printing the PIN.
+// says why without printing the PIN. (The dev profile without a TPM keeps
+// its PIN in a file, which the test overwrites.)
 func TestServeRefusesWrongPIN(t *testing.T) {
 	dir := t.TempDir()
-	d := startDaemon(t, serveCmd(t, dir))
+	insecure := func() *exec.Cmd {
+		cmd := serveCmd(t, dir)
+		cmd.Args = append(cmd.Args, "--insecure-no-tpm")
+		return cmd
+	}
+	d := startDaemon(t, insecure())
+	if m := scrape(t, d.metrics); !strings.Contains(m, "hsmd_tpm_insecure 1") || !strings.Contains(d.out.String(), "WITHOUT a TPM") {
+		t.Fatalf("--insecure-no-tpm is not shown:\n%s", grepLines(m, "hsmd_tpm"))
+	}
+	waitTPMHealth(t, "unix://"+filepath.Join(dir, "var", "hsmd.sock"), healthpb.HealthCheckResponse_NOT_SERVING)
 	d.stop(t)
 	pinFile := filepath.Join(dir, "var", "softhsm", "user.pin")
 	right, _ := os.ReadFile(pinFile)
@@ -258,7 +296,7 @@ func TestServeRefusesWrongPIN(t *testing.T) {
 	if err := os.WriteFile(pinFile, []byte(wrong+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := serveCmd(t, dir)
+	cmd := insecure()
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/localstate"
 )
 
 type listener struct {
@@ -137,8 +138,10 @@ func newLogger(env *cliEnv, level string) *slog.Logger {
 	return slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: l}))
 }
 
-// runInit creates the root keys on a token that has none, checks each, and
-// reports. It refuses to touch a token that has hsmd keys already.
+// runInit creates the root keys on a token that has none and checks each;
+// with a TPM it seals the PIN and a new state key to it, defines the
+// rollback counter and seals the store. It refuses to touch a token that
+// has hsmd keys already, or a data directory with sealed secrets.
 func runInit(ctx context.Context, env *cliEnv, args []string) error {
 	fs := flag.NewFlagSet("hsmd init", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
@@ -148,9 +151,45 @@ func runInit(ctx context.Context, env *cliEnv, args []string) error {
 		return &usageError{err.Error()}
 	}
 	log := newLogger(env, "info")
-	c, err := p.load(func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) })
+	c, dev, err := p.load(func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) })
 	if err != nil {
 		return err
+	}
+	if !p.dev && !p.insecure {
+		if exists(filepath.Join(c.DataDir, localstate.SealedFile)) {
+			return withHint(localstate.ErrInitialized, "this data directory is initialised; init never overwrites it")
+		}
+		if dev.newPIN, err = c.HSM.ReadPIN(); err != nil {
+			return err
+		}
+	}
+	if err := initKeysOnly(ctx, c); err != nil {
+		return err
+	}
+	pt, err := bootstrap(ctx, c, p.insecure, true, dev, log)
+	if err != nil {
+		return err
+	}
+	defer pt.close()
+	fmt.Fprintf(env.stdout, "hsmd: created and checked the root keys on token %q:\n", c.HSM.TokenLabel)
+	for _, l := range hsm.RootKeyLabels() {
+		fmt.Fprintf(env.stdout, "  %s\n", l)
+	}
+	if pt.tpm != nil {
+		fmt.Fprintf(env.stdout, "hsmd: sealed the PIN and the state key to the TPM (%s); rollback counter at %d\n", pt.tpm.Info(), pt.counter.Value())
+		if !p.dev {
+			fmt.Fprintln(env.stdout, "hsmd: hsmd serve reads the PIN from the TPM: delete the PIN file now")
+		}
+	}
+	return nil
+}
+
+// initKeysOnly creates the root keys with the configured PIN source (before
+// the PIN is sealed), refusing a token that has them already. The dev
+// profile makes its keys in bootstrap instead.
+func initKeysOnly(ctx context.Context, c *Config) error {
+	if c.HSM.PINFile == "" && c.HSM.PINFD <= 0 {
+		return nil // dev profile: bootstrap creates the keys
 	}
 	h, err := hsm.Open(ctx, c.HSM)
 	if err != nil {
@@ -162,10 +201,6 @@ func runInit(ctx context.Context, env *cliEnv, args []string) error {
 			return withHint(err, "the token already has hsmd root keys; init never overwrites keys")
 		}
 		return err
-	}
-	fmt.Fprintf(env.stdout, "hsmd: created and checked the root keys on token %q:\n", c.HSM.TokenLabel)
-	for _, l := range hsm.RootKeyLabels() {
-		fmt.Fprintf(env.stdout, "  %s\n", l)
 	}
 	return nil
 }

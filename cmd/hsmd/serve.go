@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,9 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/hsmd/hsmd/envelope"
-	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/server"
-	"github.com/hsmd/hsmd/store/bolt"
 )
 
 func init() {
@@ -29,19 +25,36 @@ func init() {
 
 // profileFlags are the flags serve and init share.
 type profileFlags struct {
-	config  string
-	dev     bool
-	dataDir string
+	config   string
+	dev      bool
+	dataDir  string
+	insecure bool // --insecure-no-tpm
 }
 
 func (p *profileFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&p.config, "config", "", "configuration file (YAML)")
 	fs.BoolVar(&p.dev, "dev", false, "development profile: a SoftHSM token under the data dir, made on first start, and loopback listeners")
 	fs.StringVar(&p.dataDir, "data-dir", "", "data directory (default "+DefaultDataDir+")")
+	fs.BoolVar(&p.insecure, "insecure-no-tpm", false, "run without a TPM: the PIN stays in its file and the data directory is not protected against edits or rollback")
 }
 
-// load builds the configuration from the file and the flags.
-func (p *profileFlags) load(logf func(string, ...any)) (*Config, error) {
+// load builds the configuration from the file and the flags, and sets up
+// the dev profile.
+func (p *profileFlags) load(logf func(string, ...any)) (*Config, devSetup, error) {
+	c, err := p.loadConfig(logf)
+	if err != nil {
+		return nil, devSetup{}, err
+	}
+	var dev devSetup
+	if p.dev {
+		if dev, err = devProfile(c, p.insecure, logf); err != nil {
+			return nil, devSetup{}, err
+		}
+	}
+	return c, dev, c.validate(p.insecure)
+}
+
+func (p *profileFlags) loadConfig(logf func(string, ...any)) (*Config, error) {
 	c := &Config{}
 	if p.config != "" {
 		var err error
@@ -61,12 +74,7 @@ func (p *profileFlags) load(logf func(string, ...any)) (*Config, error) {
 	if fi, err := os.Stat(c.DataDir); err == nil && fi.Mode().Perm()&0o077 != 0 {
 		logf("warning: the data directory %s is accessible to other users (mode %v); it should be 0700", c.DataDir, fi.Mode().Perm())
 	}
-	if p.dev {
-		if err := devProfile(c, logf); err != nil {
-			return nil, err
-		}
-	}
-	return c, c.validate()
+	return c, nil
 }
 
 func runServe(ctx context.Context, env *cliEnv, args []string) error {
@@ -82,7 +90,7 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 		return &usageError{err.Error()}
 	}
 	log := newLogger(env, "info")
-	c, err := p.load(func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) })
+	c, dev, err := p.load(func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) })
 	if err != nil {
 		return err
 	}
@@ -95,7 +103,7 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 		}
 	}
 	log = newLogger(env, c.Log.Level)
-	d, err := openDaemon(ctx, c, p.dev, log)
+	d, err := openDaemon(ctx, c, &p, dev, log)
 	if err != nil {
 		return err
 	}
@@ -103,77 +111,40 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 	return d.serve(ctx, env)
 }
 
-// daemon is a running hsmd: its HSM, store, engine and listeners.
+// daemon is a running hsmd: its parts, engine, services and listeners.
 type daemon struct {
-	cfg     *Config
-	log     *slog.Logger
-	hsm     *hsm.HSM
-	store   *bolt.Store
-	srv     *server.Server
-	reg     *prometheus.Registry
-	closers []func() error
+	*parts
+	srv *server.Server
+	reg *prometheus.Registry
 }
 
-// openDaemon opens the HSM (refusing to start if it cannot log in or has no
-// keys, except in the dev profile, which creates them), the store, and the
-// services.
-func openDaemon(ctx context.Context, c *Config, dev bool, log *slog.Logger) (*daemon, error) {
-	d := &daemon{cfg: c, log: log, reg: prometheus.NewRegistry()}
-	h, err := hsm.Open(ctx, c.HSM)
+// openDaemon bootstraps the parts (see bootstrap) and the services.
+func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, log *slog.Logger) (*daemon, error) {
+	pt, err := bootstrap(ctx, c, p.insecure, p.dev, dev, log)
 	if err != nil {
-		return nil, withHint(err, "check hsm.module, hsm.token_label and the PIN source")
-	}
-	d.hsm = h
-	d.closers = append(d.closers, h.Close)
-	if err := d.loadKeys(ctx, dev); err != nil {
-		d.close()
 		return nil, err
 	}
-	st, err := bolt.Open(filepath.Join(c.DataDir, "hsmd.db"), bolt.Options{})
-	if err != nil {
-		d.close()
-		return nil, err
-	}
-	d.store = st
-	d.closers = append(d.closers, st.Close)
+	d := &daemon{parts: pt, reg: prometheus.NewRegistry()}
 	var eng *envelope.Engine
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
-	if eng, err = envelope.New(c.envelopeConfig(metrics.InstrumentDeriver(h))); err != nil {
+	if eng, err = envelope.New(c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))); err != nil {
 		d.close()
 		return nil, err
 	}
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	d.srv, err = server.New(server.Config{
-		Store: st, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: 1, Ready: h.Ready,
-	})
-	if err != nil {
+	sc := server.Config{
+		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: 1, Ready: pt.hsm.Ready,
+		InsecureNoTPM: pt.insecure,
+	}
+	if pt.tpm != nil {
+		sc.TPM = pt.tpm.Ping
+		sc.RollbackCounter = pt.counter.Value
+	}
+	if d.srv, err = server.New(sc); err != nil {
 		d.close()
 		return nil, err
 	}
 	return d, nil
-}
-
-func (d *daemon) loadKeys(ctx context.Context, dev bool) error {
-	err := d.hsm.LoadKeys(ctx)
-	if errors.Is(err, hsm.ErrKeyNotFound) && dev {
-		d.log.Info("creating the root keys on the development token")
-		if err = d.hsm.InitKeys(ctx); err == nil {
-			err = d.hsm.LoadKeys(ctx)
-		}
-	}
-	if errors.Is(err, hsm.ErrKeyNotFound) {
-		return withHint(err, "create the root keys first: hsmd init --config FILE")
-	}
-	return err
-}
-
-func (d *daemon) close() {
-	for i := len(d.closers) - 1; i >= 0; i-- {
-		if err := d.closers[i](); err != nil {
-			d.log.Warn("close", slog.Any("error", err))
-		}
-	}
-	d.closers = nil
 }
 
 // serve listens and serves until ctx is done, then stops gracefully.
