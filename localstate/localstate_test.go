@@ -159,8 +159,8 @@ func TestOfflineEditIsRefused(t *testing.T) {
 		tp := openTPM(t, cfg)
 		dir, sec, _ := initDir(t, tp)
 		st := openStore(t, dir, sec)
-		tn := &store.Tenant{Name: "acme", ID: 7, Current: 1, Versions: []store.KeyVersion{{Version: 1, KDKVersion: 1, State: store.StateEnabled}}}
-		tn.Salt[0] = 1
+		tn := &store.Tenant{Name: "acme", ID: 7, Current: 1, Versions: []store.KeyVersion{
+			{Version: 1, KDKVersion: 1, State: store.StateEnabled, Salt: bytes.Repeat([]byte{1}, store.SaltSize)}}}
 		if err := st.CreateTenant(ctx, tn); err != nil {
 			t.Fatal(err)
 		}

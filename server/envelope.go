@@ -123,8 +123,10 @@ func (s *Server) resolver(only string) envelope.Resolver {
 // keyRef is the envelope's view of tenant version v.
 func keyRef(t *store.Tenant, v uint32) (envelope.KeyRef, bool) {
 	kv, ok := t.Version(v)
-	if !ok || kv.State != store.StateEnabled {
+	if !ok || kv.State != store.StateEnabled || len(kv.Salt) != store.SaltSize {
 		return envelope.KeyRef{}, false
 	}
-	return envelope.KeyRef{Tenant: t.Name, TenantID: t.ID, Version: v, KDKVersion: kv.KDKVersion, Salt: t.Salt}, true
+	ref := envelope.KeyRef{Tenant: t.Name, TenantID: t.ID, Version: v, KDKVersion: kv.KDKVersion}
+	copy(ref.Salt[:], kv.Salt)
+	return ref, true
 }

@@ -8,10 +8,14 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"time"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/store"
 )
+
+// DefaultRotationPeriod is a new tenant's rotation period.
+const DefaultRotationPeriod = 90 * 24 * time.Hour
 
 // Page sizes of ListTenants.
 const (
@@ -32,16 +36,17 @@ func (ts *tenantsService) CreateTenant(ctx context.Context, req *hsmdv1.CreateTe
 	}
 	now := s.cfg.Now().UTC()
 	for range 3 { // a random 64-bit ID collides with another only by accident
+		salt := make([]byte, store.SaltSize)
 		t := &store.Tenant{
-			Name: req.Name, Current: 1, CreateTime: now,
-			Versions: []store.KeyVersion{{Version: 1, KDKVersion: s.cfg.KDKVersion, State: store.StateEnabled, CreateTime: now}},
+			Name: req.Name, Current: 1, CreateTime: now, Policy: store.Policy{RotationPeriod: DefaultRotationPeriod},
+			Versions: []store.KeyVersion{{Version: 1, KDKVersion: s.cfg.KDKVersion, State: store.StateEnabled, Salt: salt, CreateTime: now}},
 		}
 		var id [8]byte
 		if _, err := io.ReadFull(s.cfg.Rand, id[:]); err != nil {
 			return nil, fmt.Errorf("server: draw tenant id: %w", err)
 		}
-		if _, err := io.ReadFull(s.cfg.Rand, t.Salt[:]); err != nil {
-			return nil, fmt.Errorf("server: draw tenant salt: %w", err)
+		if _, err := io.ReadFull(s.cfg.Rand, salt); err != nil {
+			return nil, fmt.Errorf("server: draw a key version salt: %w", err)
 		}
 		t.ID = binary.BigEndian.Uint64(id[:])
 		if t.ID == 0 {

@@ -30,36 +30,61 @@ var (
 	ErrClosed = errors.New("store: closed")
 )
 
-// SaltSize is the size of a tenant's salt in bytes.
+// SaltSize is the size of a key version's salt in bytes.
 const SaltSize = 32
 
-// KeyState is the state of a tenant key version. The rotation issue adds
-// more states; for now every version is enabled.
+// KeyState is the state of a tenant key version (package rotation holds
+// the transitions between them).
 type KeyState string
 
 // Key version states.
 const (
+	// StateEnabled: encrypts (if current) and decrypts.
 	StateEnabled KeyState = "enabled"
+	// StateDisabled: refuses to decrypt; can be enabled again.
+	StateDisabled KeyState = "disabled"
+	// StateDestroyScheduled: refuses to decrypt; destroyed at DestroyTime
+	// unless the destruction is cancelled (back to disabled).
+	StateDestroyScheduled KeyState = "destroy_scheduled"
+	// StateDestroyed: the version's salt is gone; nothing it sealed can be
+	// decrypted again. Final.
+	StateDestroyed KeyState = "destroyed"
 )
 
-// KeyVersion is one version of a tenant's (virtual) key.
+// KeyVersion is one version of a tenant's (virtual) key: its data keys are
+// derived inside the HSM from the kdk, the tenant and this version's salt.
 type KeyVersion struct {
-	Version    uint32    `json:"version"`
-	KDKVersion uint32    `json:"kdk_version"` // root key version it derives from
-	State      KeyState  `json:"state"`
+	Version    uint32   `json:"version"`
+	KDKVersion uint32   `json:"kdk_version"` // root key version it derives from
+	State      KeyState `json:"state"`
+	// Salt is SaltSize random bytes, nil once the version is destroyed:
+	// not a key, but with the kdk it defines every data key of the
+	// version, so erasing it is what destruction means.
+	Salt       []byte    `json:"salt,omitempty"`
 	CreateTime time.Time `json:"create_time"`
+	// DestroyTime: when a scheduled destruction happens, or happened.
+	DestroyTime time.Time `json:"destroy_time,omitzero"`
 }
 
-// Tenant is a tenant's metadata. Salt is not a key, but together with the
-// HSM's kdk it defines every data key of the tenant: destroying it is what
-// crypto-shredding means.
+// Policy is a tenant's key policy.
+type Policy struct {
+	// RotationPeriod: a new version is made when the current one is this
+	// old (0: never automatically).
+	RotationPeriod time.Duration `json:"rotation_period,omitempty"`
+	// MinDecryptionVersion: versions below it refuse to decrypt (0 or 1:
+	// all versions).
+	MinDecryptionVersion uint32 `json:"min_decryption_version,omitempty"`
+}
+
+// Tenant is a tenant's metadata. Deleting it (crypto-shredding) erases
+// every version's salt.
 type Tenant struct {
-	Name       string         `json:"name"`
-	ID         uint64         `json:"id"` // random, non-zero, unique; carried in ciphertexts
-	Salt       [SaltSize]byte `json:"salt"`
-	Current    uint32         `json:"current"` // version new encryptions use
-	Versions   []KeyVersion   `json:"versions"`
-	CreateTime time.Time      `json:"create_time"`
+	Name       string       `json:"name"`
+	ID         uint64       `json:"id"`       // random, non-zero, unique; carried in ciphertexts
+	Current    uint32       `json:"current"`  // version new encryptions use
+	Versions   []KeyVersion `json:"versions"` // in version order
+	Policy     Policy       `json:"policy"`
+	CreateTime time.Time    `json:"create_time"`
 	// Revision is set by the store on every write; UpdateTenant compares it.
 	Revision uint64 `json:"-"`
 }
@@ -93,13 +118,46 @@ func (t *Tenant) Validate() error {
 	if t.ID == 0 {
 		return fmt.Errorf("%w: tenant id is zero", ErrInvalid)
 	}
-	if t.Salt == ([SaltSize]byte{}) {
-		return fmt.Errorf("%w: tenant salt is zero", ErrInvalid)
+	if len(t.Versions) == 0 {
+		return fmt.Errorf("%w: no key versions", ErrInvalid)
 	}
-	if _, ok := t.Version(t.Current); !ok {
-		return fmt.Errorf("%w: current version %d is not among the versions", ErrInvalid, t.Current)
+	for i, kv := range t.Versions {
+		if err := kv.validate(); err != nil {
+			return err
+		}
+		if i > 0 && kv.Version <= t.Versions[i-1].Version {
+			return fmt.Errorf("%w: versions out of order", ErrInvalid)
+		}
+	}
+	if kv, ok := t.Version(t.Current); !ok || kv.State != StateEnabled {
+		return fmt.Errorf("%w: current version %d is not an enabled version", ErrInvalid, t.Current)
 	}
 	return nil
+}
+
+func (kv *KeyVersion) validate() error {
+	switch {
+	case kv.Version == 0:
+		return fmt.Errorf("%w: key version 0", ErrInvalid)
+	case kv.State == StateDestroyed && kv.Salt != nil:
+		return fmt.Errorf("%w: version %d is destroyed but keeps its salt", ErrInvalid, kv.Version)
+	case kv.State != StateDestroyed && (len(kv.Salt) != SaltSize || isZero(kv.Salt)):
+		return fmt.Errorf("%w: version %d has no valid salt", ErrInvalid, kv.Version)
+	}
+	switch kv.State {
+	case StateEnabled, StateDisabled, StateDestroyScheduled, StateDestroyed:
+		return nil
+	}
+	return fmt.Errorf("%w: version %d has unknown state %q", ErrInvalid, kv.Version, kv.State)
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Store is the metadata store. Implementations are safe for concurrent use.
@@ -120,6 +178,12 @@ type Store interface {
 	// still t.Revision (ErrConflict otherwise, ErrNotFound if gone). The
 	// name and ID cannot change. On success it sets t.Revision.
 	UpdateTenant(ctx context.Context, t *Tenant) error
+	// DeleteTenant removes the tenant named name, with every version's
+	// salt and its ID, if its stored revision is still revision
+	// (ErrConflict otherwise, ErrNotFound if gone). This is
+	// crypto-shredding: what the tenant's keys sealed can no longer be
+	// decrypted (backups of the store aside: see docs/KEYS.md).
+	DeleteTenant(ctx context.Context, name string, revision uint64) error
 	// Close releases the store. It is safe to call twice.
 	Close() error
 }

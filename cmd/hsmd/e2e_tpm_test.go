@@ -168,8 +168,8 @@ func editTenant(t *testing.T, path, name string) {
 	err = db.Update(func(tx *bbolt.Tx) error {
 		b := tx.Bucket([]byte("tenants"))
 		v := bytes.Clone(b.Get([]byte(name)))
-		i := bytes.Index(v, []byte(`"salt":[`)) + len(`"salt":[`)
-		v[i] ^= 1
+		i := bytes.Index(v, []byte(`"salt":"`)) + len(`"salt":"`)
+		v[i] ^= 1 // one base64 character of a version's salt
 		return b.Put([]byte(name), v)
 	})
 	if err != nil {

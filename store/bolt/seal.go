@@ -35,6 +35,23 @@ func (s *Store) sealWrite(tx *bbolt.Tx, name string, old, new []byte) error {
 	return tx.Bucket(bucketMeta).Put(keyState, store.EncodeState(s.sealer, st))
 }
 
+// sealDelete, in the transaction that deletes the tenant record old, folds
+// its MAC out of the sealed state.
+func (s *Store) sealDelete(tx *bbolt.Tx, name string, old []byte) error {
+	if s.sealer == nil {
+		return nil
+	}
+	st, err := s.readState(tx)
+	if err != nil {
+		return err
+	}
+	st.Fold(store.RecordMAC(s.sealer, kindTenant, name, old))
+	if err := tx.Bucket(bucketMACs).Delete([]byte(name)); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketMeta).Put(keyState, store.EncodeState(s.sealer, st))
+}
+
 // readState returns the verified sealed state, or the zero State of a store
 // that was never sealed.
 func (s *Store) readState(tx *bbolt.Tx) (store.State, error) {

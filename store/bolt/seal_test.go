@@ -37,8 +37,7 @@ func sealedWith(t *testing.T, names ...string) string {
 	s := openSealed(t, dir, testKey)
 	for _, n := range names {
 		tn := &store.Tenant{Name: n, ID: uint64(len(n)*1000 + int(n[0])), Current: 1, CreateTime: time.Now(),
-			Versions: []store.KeyVersion{{Version: 1, KDKVersion: 1, State: store.StateEnabled}}}
-		copy(tn.Salt[:], strings.Repeat(n, 32))
+			Versions: []store.KeyVersion{{Version: 1, KDKVersion: 1, State: store.StateEnabled, Salt: []byte(strings.Repeat(n, 32))[:32]}}}
 		if err := s.CreateTenant(context.Background(), tn); err != nil {
 			t.Fatal(err)
 		}
@@ -80,8 +79,8 @@ func TestOfflineEditsAreNamed(t *testing.T) {
 		{"salt changed", func(tx *bbolt.Tx) error {
 			b := tx.Bucket([]byte("tenants"))
 			v := bytes.Clone(b.Get([]byte("acme")))
-			i := bytes.Index(v, []byte(`"salt":[`)) + 8
-			v[i] ^= 1 // one digit of the first salt byte
+			i := bytes.Index(v, []byte(`"salt":"`)) + 8
+			v[i] ^= 1 // one base64 character of the salt
 			return b.Put([]byte("acme"), v)
 		}, `tenant "acme"`},
 		{"record removed", func(tx *bbolt.Tx) error {
@@ -126,7 +125,7 @@ func TestRecordRestoredFromOlderCopy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Versions = append(a.Versions, store.KeyVersion{Version: 2, KDKVersion: 1, State: store.StateEnabled})
+	a.Versions = append(a.Versions, store.KeyVersion{Version: 2, KDKVersion: 1, State: store.StateEnabled, Salt: bytes.Repeat([]byte{2}, 32)})
 	a.Current = 2
 	if err := s.UpdateTenant(context.Background(), a); err != nil {
 		t.Fatal(err)
@@ -151,5 +150,26 @@ func TestRecordRestoredFromOlderCopy(t *testing.T) {
 	})
 	if err := verify(t, dir); !errors.Is(err, store.ErrTampered) || !strings.Contains(err.Error(), "another copy") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestLegacyTenantSalt: a record written before key versions had their own
+// salts reads with the tenant's salt as version 1's.
+func TestLegacyTenantSalt(t *testing.T) {
+	dir := t.TempDir()
+	s := openSealed(t, dir, nil)
+	s.Close()
+	salt := `[` + strings.TrimSuffix(strings.Repeat("7,", 32), ",") + `]`
+	rec := `{"revision":1,"tenant":{"name":"old","id":5,"salt":` + salt + `,"current":1,"versions":[{"version":1,"kdk_version":1,"state":"enabled","create_time":"2026-11-23T10:00:00Z"}],"create_time":"2026-11-23T10:00:00Z"}}`
+	editOffline(t, dir, func(tx *bbolt.Tx) error {
+		tx.Bucket([]byte("ids")).Put([]byte{0, 0, 0, 0, 0, 0, 0, 5}, []byte("old"))
+		return tx.Bucket([]byte("tenants")).Put([]byte("old"), []byte(rec))
+	})
+	got, err := openSealed(t, dir, nil).GetTenant(context.Background(), "old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got.Versions[0].Salt, bytes.Repeat([]byte{7}, 32)) || got.Validate() != nil {
+		t.Fatalf("legacy record read as %+v", got.Versions[0])
 	}
 }

@@ -32,9 +32,20 @@ func encode(t *store.Tenant, rev uint64) ([]byte, error) {
 	c.Versions = make([]store.KeyVersion, len(t.Versions))
 	for i, kv := range t.Versions {
 		kv.CreateTime = kv.CreateTime.UTC()
+		if !kv.DestroyTime.IsZero() {
+			kv.DestroyTime = kv.DestroyTime.UTC()
+		}
 		c.Versions[i] = kv
 	}
 	return json.Marshal(record{Revision: rev, Tenant: &c})
+}
+
+// legacyRecord reads the tenant-wide salt of records written before each
+// key version had its own: it becomes version 1's.
+type legacyRecord struct {
+	Tenant struct {
+		Salt *[store.SaltSize]byte `json:"salt"`
+	} `json:"tenant"`
 }
 
 // decode parses a stored record into a new Tenant that shares no memory
@@ -46,6 +57,13 @@ func decode(name, buf []byte) (*store.Tenant, error) {
 	}
 	if r.Tenant == nil || r.Tenant.Name != string(name) || r.Revision == 0 {
 		return nil, fmt.Errorf("bolt: decode tenant %q: malformed record", name)
+	}
+	if len(r.Tenant.Versions) > 0 && r.Tenant.Versions[0].Version == 1 && r.Tenant.Versions[0].Salt == nil &&
+		r.Tenant.Versions[0].State != store.StateDestroyed {
+		var l legacyRecord
+		if json.Unmarshal(buf, &l) == nil && l.Tenant.Salt != nil {
+			r.Tenant.Versions[0].Salt = l.Tenant.Salt[:]
+		}
 	}
 	r.Tenant.Revision = r.Revision
 	return r.Tenant, nil
@@ -227,4 +245,30 @@ func (s *Store) UpdateTenant(ctx context.Context, t *store.Tenant) error {
 	}
 	t.Revision = rev
 	return nil
+}
+
+// DeleteTenant removes the record, its ID index entry and its MAC, if the
+// stored revision is still revision. Errors: store.ErrNotFound,
+// store.ErrConflict, store.ErrClosed, ctx.Err(). Safe for concurrent use.
+func (s *Store) DeleteTenant(ctx context.Context, name string, revision uint64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.update(func(tx *bbolt.Tx) error {
+		old, err := getByName(tx, []byte(name))
+		if err != nil {
+			return err
+		}
+		if old.Revision != revision {
+			return fmt.Errorf("bolt: delete tenant %q: %w: revision %d, stored %d", name, store.ErrConflict, revision, old.Revision)
+		}
+		val := tx.Bucket(bucketTenants).Get([]byte(name))
+		if err := s.sealDelete(tx, name, val); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketIDs).Delete(idKey(old.ID)); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketTenants).Delete([]byte(name))
+	})
 }

@@ -89,8 +89,8 @@ func testConcurrentUpdate(t *testing.T, f Factory) {
 		copies := make([]*store.Tenant, goroutines)
 		for i := range copies {
 			copies[i] = mustGet(t, s, "race")
-			copies[i].Salt[0] = byte(i + 1)
-			copies[i].Salt[1] = byte(r)
+			copies[i].Versions[0].Salt[0] = byte(i + 1)
+			copies[i].Versions[0].Salt[1] = byte(r)
 		}
 		errs := together(goroutines, func(i int) error { return s.UpdateTenant(ctx, copies[i]) })
 		w := oneWinner(t, "UpdateTenant", errs, store.ErrConflict)

@@ -84,14 +84,18 @@ func testInvalid(t *testing.T, f Factory) {
 	s, _ := open(t, f)
 	ctx := context.Background()
 	cases := map[string]func(*store.Tenant){
-		"empty name":      func(tn *store.Tenant) { tn.Name = "" },
-		"bad name":        func(tn *store.Tenant) { tn.Name = "-leading-dash" },
-		"name with slash": func(tn *store.Tenant) { tn.Name = "a/b" },
-		"long name":       func(tn *store.Tenant) { tn.Name = strings.Repeat("a", 65) },
-		"zero ID":         func(tn *store.Tenant) { tn.ID = 0 },
-		"zero salt":       func(tn *store.Tenant) { tn.Salt = [store.SaltSize]byte{} },
-		"current missing": func(tn *store.Tenant) { tn.Current = 9 },
-		"no versions":     func(tn *store.Tenant) { tn.Versions = nil },
+		"empty name":           func(tn *store.Tenant) { tn.Name = "" },
+		"bad name":             func(tn *store.Tenant) { tn.Name = "-leading-dash" },
+		"name with slash":      func(tn *store.Tenant) { tn.Name = "a/b" },
+		"long name":            func(tn *store.Tenant) { tn.Name = strings.Repeat("a", 65) },
+		"zero ID":              func(tn *store.Tenant) { tn.ID = 0 },
+		"zero salt":            func(tn *store.Tenant) { tn.Versions[0].Salt = make([]byte, store.SaltSize) },
+		"short salt":           func(tn *store.Tenant) { tn.Versions[0].Salt = tn.Versions[0].Salt[:8] },
+		"unknown state":        func(tn *store.Tenant) { tn.Versions[0].State = "lost" },
+		"current disabled":     func(tn *store.Tenant) { tn.Versions[1].State = store.StateDisabled },
+		"destroyed keeps salt": func(tn *store.Tenant) { tn.Versions[0].State = store.StateDestroyed },
+		"current missing":      func(tn *store.Tenant) { tn.Current = 9 },
+		"no versions":          func(tn *store.Tenant) { tn.Versions = nil },
 	}
 	for name, mutate := range cases {
 		tn := newTenant(t, "valid-name")
@@ -218,14 +222,17 @@ func testCopies(t *testing.T, f Factory) {
 	mustCreate(t, s, in)
 	want := *in
 	want.Versions = slices.Clone(in.Versions)
+	for i := range want.Versions {
+		want.Versions[i].Salt = slices.Clone(in.Versions[i].Salt)
+	}
 
-	in.Salt[0] ^= 0xff // the store must not keep the caller's tenant
+	in.Versions[1].Salt[0] ^= 0xff // the store must not keep the caller's tenant
 	in.Versions[0].State = "mutated"
 	got := mustGet(t, s, "copied")
 	if d := diff(&want, got); d != "" {
 		t.Fatalf("mutating the created tenant changed the store: %s", d)
 	}
-	got.Salt[0] ^= 0xff
+	got.Versions[1].Salt[0] ^= 0xff
 	got.Versions[0].State = "mutated"
 	got.Versions = append(got.Versions, store.KeyVersion{Version: 7})
 	got.Current = 7

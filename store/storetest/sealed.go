@@ -57,6 +57,14 @@ func RunSealed(t *testing.T, open SealedFactory) {
 			t.Fatal(err)
 		}
 		checkState(t, s, 1)
+		b, err := s.GetTenant(ctx, "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeleteTenant(ctx, "b", b.Revision); err != nil {
+			t.Fatal(err)
+		}
+		checkState(t, s, 1)
 		if err := s.SetCounter(ctx, 7); err != nil {
 			t.Fatal(err)
 		}

@@ -34,6 +34,7 @@
 package storetest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -80,6 +81,7 @@ func Run(t *testing.T, f Factory) {
 		{"UpdateStale", testUpdateStale},
 		{"UpdateMissing", testUpdateMissing},
 		{"UpdateInvalid", testUpdateInvalid},
+		{"Delete", testDelete},
 		{"Copies", testCopies},
 		{"ConcurrentCreate", testConcurrentCreate},
 		{"ConcurrentUpdate", testConcurrentUpdate},
@@ -128,13 +130,19 @@ func newTenant(t *testing.T, name string) *store.Tenant {
 		ID:      randomID(t),
 		Current: 2,
 		Versions: []store.KeyVersion{
-			{Version: 1, KDKVersion: 1, State: store.StateEnabled, CreateTime: created},
-			{Version: 2, KDKVersion: 3, State: store.StateEnabled, CreateTime: created.Add(36*time.Hour + 1)},
+			{Version: 1, KDKVersion: 1, State: store.StateEnabled, CreateTime: created, Salt: randomSalt()},
+			{Version: 2, KDKVersion: 3, State: store.StateEnabled, CreateTime: created.Add(36*time.Hour + 1), Salt: randomSalt()},
 		},
+		Policy:     store.Policy{RotationPeriod: 90 * 24 * time.Hour, MinDecryptionVersion: 1},
 		CreateTime: created,
 	}
-	rand.Read(tn.Salt[:])
 	return tn
+}
+
+func randomSalt() []byte {
+	b := make([]byte, store.SaltSize)
+	rand.Read(b)
+	return b
 }
 
 func randomID(t *testing.T) uint64 {
@@ -158,8 +166,8 @@ func diff(want, got *store.Tenant) string {
 		return fmt.Sprintf("Name = %q, want %q", got.Name, want.Name)
 	case got.ID != want.ID:
 		return fmt.Sprintf("ID = %d, want %d", got.ID, want.ID)
-	case got.Salt != want.Salt:
-		return "Salt differs"
+	case got.Policy != want.Policy:
+		return fmt.Sprintf("Policy = %+v, want %+v", got.Policy, want.Policy)
 	case got.Current != want.Current:
 		return fmt.Sprintf("Current = %d, want %d", got.Current, want.Current)
 	case got.Revision != want.Revision:
@@ -172,7 +180,7 @@ func diff(want, got *store.Tenant) string {
 	}
 	for i, w := range want.Versions {
 		g := got.Versions[i]
-		if g.Version != w.Version || g.KDKVersion != w.KDKVersion || g.State != w.State {
+		if g.Version != w.Version || g.KDKVersion != w.KDKVersion || g.State != w.State || !bytes.Equal(g.Salt, w.Salt) {
 			return fmt.Sprintf("Versions[%d] = %+v, want %+v", i, g, w)
 		}
 		if d := diffTime(fmt.Sprintf("Versions[%d].CreateTime", i), w.CreateTime, g.CreateTime); d != "" {

@@ -16,6 +16,7 @@ func rotate(tn *store.Tenant) {
 		Version:    next,
 		KDKVersion: 1,
 		State:      store.StateEnabled,
+		Salt:       randomSalt(),
 		CreateTime: time.Now(),
 	})
 	tn.Current = next
@@ -29,7 +30,7 @@ func testUpdate(t *testing.T, f Factory) {
 	for range 3 {
 		old := tn.Revision
 		rotate(tn)
-		tn.Salt[0]++
+		tn.Versions[0].Salt[0]++
 		if err := s.UpdateTenant(ctx, tn); err != nil {
 			t.Fatalf("UpdateTenant at revision %d: %v", old, err)
 		}
@@ -60,7 +61,7 @@ func testUpdateStale(t *testing.T, f Factory) {
 	if err := s.UpdateTenant(ctx, a); err != nil {
 		t.Fatalf("first UpdateTenant: %v", err)
 	}
-	b.Salt[0]++
+	b.Versions[0].Salt[0]++
 	staleRev := b.Revision
 	if err := s.UpdateTenant(ctx, b); !errors.Is(err, store.ErrConflict) {
 		t.Fatalf("UpdateTenant at a stale revision: err = %v, want ErrConflict", err)
@@ -116,7 +117,7 @@ func testUpdateInvalid(t *testing.T, f Factory) {
 		t.Errorf("UpdateTenant with a missing current version: err = %v, want ErrInvalid", err)
 	}
 	bad = mustGet(t, s, "fixed")
-	bad.Salt = [store.SaltSize]byte{}
+	bad.Versions[0].Salt = nil
 	if err := s.UpdateTenant(ctx, bad); !errors.Is(err, store.ErrInvalid) {
 		t.Errorf("UpdateTenant with a zero salt: err = %v, want ErrInvalid", err)
 	}
@@ -126,4 +127,29 @@ func testUpdateInvalid(t *testing.T, f Factory) {
 	if d := diff(orig, mustGet(t, s, "fixed")); d != "" {
 		t.Errorf("after rejected updates: %s", d)
 	}
+}
+
+// testDelete: DeleteTenant removes the tenant and its ID, refuses a stale
+// revision, and the name can be used again (with a new ID).
+func testDelete(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	ctx := context.Background()
+	tn := newTenant(t, "gone")
+	mustCreate(t, s, tn)
+	if err := s.DeleteTenant(ctx, "gone", tn.Revision+1); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("DeleteTenant at a wrong revision: %v, want ErrConflict", err)
+	}
+	if err := s.DeleteTenant(ctx, "gone", tn.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetTenant(ctx, "gone"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("GetTenant after delete: %v", err)
+	}
+	if _, err := s.GetTenantByID(ctx, tn.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("GetTenantByID after delete: %v", err)
+	}
+	if err := s.DeleteTenant(ctx, "gone", tn.Revision); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("second DeleteTenant: %v, want ErrNotFound", err)
+	}
+	mustCreate(t, s, newTenant(t, "gone"))
 }
