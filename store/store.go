@@ -184,6 +184,11 @@ type Store interface {
 	// crypto-shredding: what the tenant's keys sealed can no longer be
 	// decrypted (backups of the store aside: see docs/KEYS.md).
 	DeleteTenant(ctx context.Context, name string, revision uint64) error
+	// UpdateTenants is UpdateTenant for many tenants in one transaction:
+	// all are written or none (the first error is returned, wrapping
+	// ErrConflict, ErrNotFound or ErrInvalid and naming the tenant). On
+	// success it sets each Revision. For the rotation scheduler.
+	UpdateTenants(ctx context.Context, ts []*Tenant) error
 	// Close releases the store. It is safe to call twice.
 	Close() error
 }

@@ -208,43 +208,62 @@ func (s *Store) ListTenants(ctx context.Context, after string, limit int) ([]*st
 // Nothing is written on error. Safe for concurrent use: of several updates
 // from the same revision, exactly one succeeds.
 func (s *Store) UpdateTenant(ctx context.Context, t *store.Tenant) error {
+	return s.UpdateTenants(ctx, []*store.Tenant{t})
+}
+
+// UpdateTenants implements store.Store: UpdateTenant for many tenants in
+// one transaction (one fsync), all or nothing.
+func (s *Store) UpdateTenants(ctx context.Context, ts []*store.Tenant) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if t == nil {
-		return fmt.Errorf("bolt: update tenant: %w: nil tenant", store.ErrInvalid)
+	vals := make([][]byte, len(ts))
+	for i, t := range ts {
+		if t == nil {
+			return fmt.Errorf("bolt: update tenant: %w: nil tenant", store.ErrInvalid)
+		}
+		if err := t.Validate(); err != nil {
+			return fmt.Errorf("bolt: update tenant: %w", err)
+		}
+		var err error
+		if vals[i], err = encode(t, t.Revision+1); err != nil {
+			return fmt.Errorf("bolt: update tenant %q: %w", t.Name, err)
+		}
 	}
-	if err := t.Validate(); err != nil {
-		return fmt.Errorf("bolt: update tenant: %w", err)
-	}
-	rev := t.Revision + 1
-	val, err := encode(t, rev)
-	if err != nil {
-		return fmt.Errorf("bolt: update tenant %q: %w", t.Name, err)
-	}
-	err = s.update(func(tx *bbolt.Tx) error {
-		old, err := getByName(tx, []byte(t.Name))
-		if err != nil {
-			return err
+	err := s.update(func(tx *bbolt.Tx) error {
+		for i, t := range ts {
+			if err := s.updateOne(tx, t, vals[i]); err != nil {
+				return err
+			}
 		}
-		if old.ID != t.ID {
-			return fmt.Errorf("bolt: update tenant %q: %w: id cannot change", t.Name, store.ErrInvalid)
-		}
-		if old.Revision != t.Revision {
-			return fmt.Errorf("bolt: update tenant %q: %w: revision %d, stored %d",
-				t.Name, store.ErrConflict, t.Revision, old.Revision)
-		}
-		oldVal := tx.Bucket(bucketTenants).Get([]byte(t.Name))
-		if err := s.sealWrite(tx, t.Name, oldVal, val); err != nil {
-			return err
-		}
-		return tx.Bucket(bucketTenants).Put([]byte(t.Name), val)
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	t.Revision = rev
+	for _, t := range ts {
+		t.Revision++
+	}
 	return nil
+}
+
+func (s *Store) updateOne(tx *bbolt.Tx, t *store.Tenant, val []byte) error {
+	old, err := getByName(tx, []byte(t.Name))
+	if err != nil {
+		return err
+	}
+	if old.ID != t.ID {
+		return fmt.Errorf("bolt: update tenant %q: %w: id cannot change", t.Name, store.ErrInvalid)
+	}
+	if old.Revision != t.Revision {
+		return fmt.Errorf("bolt: update tenant %q: %w: revision %d, stored %d",
+			t.Name, store.ErrConflict, t.Revision, old.Revision)
+	}
+	oldVal := tx.Bucket(bucketTenants).Get([]byte(t.Name))
+	if err := s.sealWrite(tx, t.Name, oldVal, val); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketTenants).Put([]byte(t.Name), val)
 }
 
 // DeleteTenant removes the record, its ID index entry and its MAC, if the

@@ -82,6 +82,7 @@ func Run(t *testing.T, f Factory) {
 		{"UpdateMissing", testUpdateMissing},
 		{"UpdateInvalid", testUpdateInvalid},
 		{"Delete", testDelete},
+		{"UpdateMany", testUpdateMany},
 		{"Copies", testCopies},
 		{"ConcurrentCreate", testConcurrentCreate},
 		{"ConcurrentUpdate", testConcurrentUpdate},

@@ -153,3 +153,32 @@ func testDelete(t *testing.T, f Factory) {
 	}
 	mustCreate(t, s, newTenant(t, "gone"))
 }
+
+// testUpdateMany: UpdateTenants writes all or nothing.
+func testUpdateMany(t *testing.T, f Factory) {
+	s, _ := open(t, f)
+	ctx := context.Background()
+	var ts []*store.Tenant
+	for _, n := range []string{"m1", "m2", "m3"} {
+		tn := newTenant(t, n)
+		mustCreate(t, s, tn)
+		rotate(tn)
+		ts = append(ts, tn)
+	}
+	stale := *ts[2]
+	stale.Revision++
+	if err := s.UpdateTenants(ctx, []*store.Tenant{ts[0], ts[1], &stale}); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("a batch with a stale tenant: %v, want ErrConflict", err)
+	}
+	if got := mustGet(t, s, "m1"); len(got.Versions) != 2 || ts[0].Revision != got.Revision {
+		t.Fatal("a failed batch wrote a tenant or moved a revision")
+	}
+	if err := s.UpdateTenants(ctx, ts); err != nil {
+		t.Fatal(err)
+	}
+	for _, tn := range ts {
+		if d := diff(tn, mustGet(t, s, tn.Name)); d != "" {
+			t.Fatalf("%s after the batch: %s", tn.Name, d)
+		}
+	}
+}
