@@ -182,3 +182,17 @@ func keyPairTemplates(label string, keyType uint, curve []byte) (pub, priv []*pk
 	)
 	return pub, priv
 }
+
+// NewestKDK returns the highest kdk version LoadKeys found: new tenant key
+// versions derive from it. It returns 0 before LoadKeys.
+func (h *HSM) NewestKDK() uint32 {
+	ks, err := h.loadedKeys()
+	if err != nil {
+		return 0
+	}
+	var n uint32
+	for v := range ks.kdk {
+		n = max(n, v)
+	}
+	return n
+}

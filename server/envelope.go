@@ -7,6 +7,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
 
@@ -111,6 +112,12 @@ func (s *Server) resolver(only string) envelope.Resolver {
 		}
 		if err != nil {
 			return envelope.KeyRef{}, err
+		}
+		if _, ok := t.Version(v); !ok {
+			return envelope.KeyRef{}, envelope.ErrUnknownKey
+		}
+		if err := rotation.CanDecrypt(t, v); err != nil {
+			return envelope.KeyRef{}, err // disabled, destroyed, retired: said plainly to the tenant's callers
 		}
 		ref, ok := keyRef(t, v)
 		if !ok {

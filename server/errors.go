@@ -10,6 +10,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
 
@@ -19,6 +20,9 @@ const (
 	ReasonDecryptFailed = "DECRYPT_FAILED"
 	ReasonUnavailable   = "UNAVAILABLE"
 	ReasonDeadline      = "DEADLINE_EXCEEDED"
+	ReasonKeyDisabled   = "KEY_DISABLED"
+	ReasonKeyDestroyed  = "KEY_DESTROYED"
+	ReasonKeyRetired    = "KEY_VERSION_RETIRED"
 	ReasonInternal      = "INTERNAL"
 )
 
@@ -86,6 +90,12 @@ func itemError(ctx context.Context, log *slog.Logger, err error) *hsmdv1.ItemErr
 		return &hsmdv1.ItemError{Code: int32(codes.InvalidArgument), Reason: ReasonMalformed, Message: err.Error()}
 	case err == envelope.ErrDecrypt:
 		return &hsmdv1.ItemError{Code: int32(codes.InvalidArgument), Reason: ReasonDecryptFailed, Message: envelope.ErrDecrypt.Error()}
+	case errors.Is(err, rotation.ErrDisabled):
+		return &hsmdv1.ItemError{Code: int32(codes.FailedPrecondition), Reason: ReasonKeyDisabled, Message: "the key version is disabled"}
+	case errors.Is(err, rotation.ErrDestroyed):
+		return &hsmdv1.ItemError{Code: int32(codes.FailedPrecondition), Reason: ReasonKeyDestroyed, Message: "the key version is destroyed"}
+	case errors.Is(err, rotation.ErrBelowMinVersion):
+		return &hsmdv1.ItemError{Code: int32(codes.FailedPrecondition), Reason: ReasonKeyRetired, Message: "the key version is below the tenant's min_decryption_version"}
 	}
 	st := status.Convert(toStatus(ctx, log, err))
 	reason := ReasonInternal

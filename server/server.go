@@ -25,6 +25,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
 
@@ -47,6 +48,9 @@ type Config struct {
 	// InsecureNoTPM: hsmd runs without a TPM (--insecure-no-tpm); shown in
 	// health (TPMService NOT_SERVING) and metrics (hsmd_tpm_insecure 1).
 	InsecureNoTPM bool
+	// Keys, if set, serves the Keys service, Rewrap's rotation-aware
+	// checks and ShredTenant (UNIMPLEMENTED without it).
+	Keys *rotation.Manager
 	// RollbackCounter, if set, is exported as hsmd_rollback_counter.
 	RollbackCounter func() uint64
 	// Rand draws tenant IDs and salts; default crypto/rand.Reader.
@@ -116,6 +120,7 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 func (s *Server) Register(g *grpc.Server) {
 	hsmdv1.RegisterEnvelopeServer(g, &envelopeService{s: s})
 	hsmdv1.RegisterTenantsServer(g, &tenantsService{s: s})
+	hsmdv1.RegisterKeysServer(g, &keysService{s: s})
 	healthpb.RegisterHealthServer(g, s.health)
 }
 
@@ -147,7 +152,7 @@ func (s *Server) checkReady(ctx context.Context) {
 			s.log.LogAttrs(ctx, slog.LevelWarn, "not ready", slog.Any("error", err))
 		}
 	}
-	for _, svc := range []string{"", hsmdv1.Envelope_ServiceDesc.ServiceName, hsmdv1.Tenants_ServiceDesc.ServiceName} {
+	for _, svc := range []string{"", hsmdv1.Envelope_ServiceDesc.ServiceName, hsmdv1.Tenants_ServiceDesc.ServiceName, hsmdv1.Keys_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(svc, st)
 	}
 	s.cfg.Metrics.ready.Set(v)

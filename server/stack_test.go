@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/softhsm"
 	"github.com/hsmd/hsmd/store/bolt"
@@ -36,7 +38,28 @@ type stack struct {
 	tcp     *grpc.ClientConn // loopback TCP, as the unix socket
 	env     hsmdv1.EnvelopeClient
 	tenants hsmdv1.TenantsClient
+	keys    hsmdv1.KeysClient
+	sched   *rotation.Scheduler
+	clock   *fakeClock
 	stop    func()
+}
+
+// fakeClock is the injected clock of the key manager and scheduler.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
 }
 
 type stackOpts struct {
@@ -95,11 +118,22 @@ func (s *stack) start(o stackOpts) {
 	if eng, err = envelope.New(envelope.Config{Deriver: m.InstrumentDeriver(h)}); err != nil {
 		t.Fatal(err)
 	}
+	if s.clock == nil {
+		s.clock = &fakeClock{now: time.Now()}
+	}
+	keys := &rotation.Manager{Store: st, Now: s.clock.Now, KDKVersion: h.NewestKDK, MinDestroyWait: time.Hour,
+		OnChange: func(_ context.Context, c rotation.Change) error {
+			for _, v := range c.Versions {
+				eng.Forget(c.TenantID, v)
+			}
+			return nil
+		}}
+	s.sched = &rotation.Scheduler{Manager: keys}
 	var logger *slog.Logger
 	if o.log != nil {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger})
+	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +163,7 @@ func (s *stack) start(o stackOpts) {
 	}
 	conn, tconn := dial("unix://"+sock), dial(tl.Addr().String())
 	s.hsm, s.reg, s.conn, s.tcp = h, reg, conn, tconn
-	s.env, s.tenants = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn)
+	s.env, s.tenants, s.keys = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn), hsmdv1.NewKeysClient(conn)
 	stopped := false
 	s.stop = func() {
 		if stopped {

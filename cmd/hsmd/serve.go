@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
 )
 
@@ -114,8 +115,9 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 // daemon is a running hsmd: its parts, engine, services and listeners.
 type daemon struct {
 	*parts
-	srv *server.Server
-	reg *prometheus.Registry
+	srv   *server.Server
+	reg   *prometheus.Registry
+	sched *rotation.Scheduler
 }
 
 // openDaemon bootstraps the parts (see bootstrap) and the services.
@@ -132,9 +134,20 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		return nil, err
 	}
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	keys := d.keyManager(eng, p.dev)
+	d.sched = &rotation.Scheduler{
+		Manager: keys,
+		OnBatch: func(ctx context.Context, cs []rotation.Change) error { return d.changed(ctx, eng, cs...) },
+		OnPass: func(st rotation.Stats, err error) {
+			if err != nil || st.Rotated+st.Destroyed+st.Failed > 0 {
+				log.Info("rotation pass", slog.Int("scanned", st.Scanned), slog.Int("rotated", st.Rotated),
+					slog.Int("destroyed", st.Destroyed), slog.Int("failed", st.Failed), slog.Any("error", err))
+			}
+		},
+	}
 	sc := server.Config{
-		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: 1, Ready: pt.hsm.Ready,
-		InsecureNoTPM: pt.insecure,
+		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: pt.hsm.NewestKDK(),
+		Ready: pt.hsm.Ready, InsecureNoTPM: pt.insecure, Keys: keys,
 	}
 	if pt.tpm != nil {
 		sc.TPM = pt.tpm.Ping
@@ -145,6 +158,38 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		return nil, err
 	}
 	return d, nil
+}
+
+// keyManager applies key operations; after each it drops the cached data
+// keys of the versions concerned and advances the rollback counter.
+func (d *daemon) keyManager(eng *envelope.Engine, dev bool) *rotation.Manager {
+	m := &rotation.Manager{
+		Store:      d.store,
+		KDKVersion: d.hsm.NewestKDK,
+		OnChange:   func(ctx context.Context, c rotation.Change) error { return d.changed(ctx, eng, c) },
+	}
+	if dev {
+		m.MinDestroyWait = rotation.NoMinDestroyWait // the dev profile may destroy at once; production waits at least 24 h
+	}
+	return m
+}
+
+// changed runs after committed key changes: their cached data keys go, and
+// the rollback counter advances once, so that a restored older copy of the
+// data directory (which would resurrect a destroyed version or a shredded
+// tenant) is refused.
+func (d *daemon) changed(ctx context.Context, eng *envelope.Engine, cs ...rotation.Change) error {
+	for _, c := range cs {
+		for _, v := range c.Versions {
+			eng.Forget(c.TenantID, v)
+		}
+		d.log.Info("key change", slog.String("op", c.Op), slog.String("tenant", c.Tenant))
+	}
+	if d.counter == nil || len(cs) == 0 {
+		return nil
+	}
+	_, err := d.counter.Advance(ctx)
+	return err
 }
 
 // serve listens and serves until ctx is done, then stops gracefully.
@@ -158,6 +203,7 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go d.srv.WatchReady(ctx, 5*time.Second)
+	go d.sched.Run(ctx)
 	errc := make(chan error, len(ls)+1)
 	var metricsSrv *http.Server
 	for _, l := range ls {

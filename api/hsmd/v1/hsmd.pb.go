@@ -27,6 +27,166 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type RewrapRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tenant name. Required: every item must be this tenant's.
+	Tenant        string         `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Items         []*DecryptItem `protobuf:"bytes,2,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapRequest) Reset() {
+	*x = RewrapRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapRequest) ProtoMessage() {}
+
+func (x *RewrapRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapRequest.ProtoReflect.Descriptor instead.
+func (*RewrapRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RewrapRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *RewrapRequest) GetItems() []*DecryptItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type RewrapResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per item, in request order.
+	Results []*RewrapResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// The version the items are now under.
+	KeyVersion    uint32 `protobuf:"varint,2,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapResponse) Reset() {
+	*x = RewrapResponse{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapResponse) ProtoMessage() {}
+
+func (x *RewrapResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapResponse.ProtoReflect.Descriptor instead.
+func (*RewrapResponse) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RewrapResponse) GetResults() []*RewrapResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *RewrapResponse) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+type RewrapResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set when error is unset: a binary ciphertext under key_version.
+	Ciphertext    []byte     `protobuf:"bytes,1,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	Error         *ItemError `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RewrapResult) Reset() {
+	*x = RewrapResult{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RewrapResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RewrapResult) ProtoMessage() {}
+
+func (x *RewrapResult) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RewrapResult.ProtoReflect.Descriptor instead.
+func (*RewrapResult) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RewrapResult) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+func (x *RewrapResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
 type EncryptRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Tenant name. Required.
@@ -38,7 +198,7 @@ type EncryptRequest struct {
 
 func (x *EncryptRequest) Reset() {
 	*x = EncryptRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[0]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +210,7 @@ func (x *EncryptRequest) String() string {
 func (*EncryptRequest) ProtoMessage() {}
 
 func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[0]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +223,7 @@ func (x *EncryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptRequest.ProtoReflect.Descriptor instead.
 func (*EncryptRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{0}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *EncryptRequest) GetTenant() string {
@@ -93,7 +253,7 @@ type EncryptItem struct {
 
 func (x *EncryptItem) Reset() {
 	*x = EncryptItem{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[1]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +265,7 @@ func (x *EncryptItem) String() string {
 func (*EncryptItem) ProtoMessage() {}
 
 func (x *EncryptItem) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[1]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +278,7 @@ func (x *EncryptItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptItem.ProtoReflect.Descriptor instead.
 func (*EncryptItem) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{1}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *EncryptItem) GetPlaintext() []byte {
@@ -147,7 +307,7 @@ type EncryptResponse struct {
 
 func (x *EncryptResponse) Reset() {
 	*x = EncryptResponse{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[2]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -159,7 +319,7 @@ func (x *EncryptResponse) String() string {
 func (*EncryptResponse) ProtoMessage() {}
 
 func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[2]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -172,7 +332,7 @@ func (x *EncryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EncryptResponse.ProtoReflect.Descriptor instead.
 func (*EncryptResponse) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{2}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *EncryptResponse) GetCiphertexts() [][]byte {
@@ -201,7 +361,7 @@ type DecryptRequest struct {
 
 func (x *DecryptRequest) Reset() {
 	*x = DecryptRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[3]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -213,7 +373,7 @@ func (x *DecryptRequest) String() string {
 func (*DecryptRequest) ProtoMessage() {}
 
 func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[3]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -226,7 +386,7 @@ func (x *DecryptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptRequest.ProtoReflect.Descriptor instead.
 func (*DecryptRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{3}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DecryptRequest) GetTenant() string {
@@ -254,7 +414,7 @@ type DecryptItem struct {
 
 func (x *DecryptItem) Reset() {
 	*x = DecryptItem{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[4]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -266,7 +426,7 @@ func (x *DecryptItem) String() string {
 func (*DecryptItem) ProtoMessage() {}
 
 func (x *DecryptItem) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[4]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -279,7 +439,7 @@ func (x *DecryptItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptItem.ProtoReflect.Descriptor instead.
 func (*DecryptItem) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{4}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DecryptItem) GetCiphertext() []byte {
@@ -306,7 +466,7 @@ type DecryptResponse struct {
 
 func (x *DecryptResponse) Reset() {
 	*x = DecryptResponse{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[5]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +478,7 @@ func (x *DecryptResponse) String() string {
 func (*DecryptResponse) ProtoMessage() {}
 
 func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[5]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +491,7 @@ func (x *DecryptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResponse.ProtoReflect.Descriptor instead.
 func (*DecryptResponse) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{5}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DecryptResponse) GetResults() []*DecryptResult {
@@ -353,7 +513,7 @@ type DecryptResult struct {
 
 func (x *DecryptResult) Reset() {
 	*x = DecryptResult{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[6]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -365,7 +525,7 @@ func (x *DecryptResult) String() string {
 func (*DecryptResult) ProtoMessage() {}
 
 func (x *DecryptResult) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[6]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -378,7 +538,7 @@ func (x *DecryptResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DecryptResult.ProtoReflect.Descriptor instead.
 func (*DecryptResult) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{6}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DecryptResult) GetPlaintext() []byte {
@@ -415,7 +575,7 @@ type ItemError struct {
 
 func (x *ItemError) Reset() {
 	*x = ItemError{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[7]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +587,7 @@ func (x *ItemError) String() string {
 func (*ItemError) ProtoMessage() {}
 
 func (x *ItemError) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[7]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +600,7 @@ func (x *ItemError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
 func (*ItemError) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{7}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ItemError) GetCode() int32 {
@@ -464,6 +624,478 @@ func (x *ItemError) GetMessage() string {
 	return ""
 }
 
+type ShredTenantRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Confirm       string                 `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShredTenantRequest) Reset() {
+	*x = ShredTenantRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShredTenantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShredTenantRequest) ProtoMessage() {}
+
+func (x *ShredTenantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShredTenantRequest.ProtoReflect.Descriptor instead.
+func (*ShredTenantRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ShredTenantRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ShredTenantRequest) GetConfirm() string {
+	if x != nil {
+		return x.Confirm
+	}
+	return ""
+}
+
+type ShredTenantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShredTenantResponse) Reset() {
+	*x = ShredTenantResponse{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShredTenantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShredTenantResponse) ProtoMessage() {}
+
+func (x *ShredTenantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShredTenantResponse.ProtoReflect.Descriptor instead.
+func (*ShredTenantResponse) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{12}
+}
+
+type Key struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Tenant         string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	CurrentVersion uint32                 `protobuf:"varint,2,opt,name=current_version,json=currentVersion,proto3" json:"current_version,omitempty"`
+	Versions       []*KeyVersion          `protobuf:"bytes,3,rep,name=versions,proto3" json:"versions,omitempty"`
+	Policy         *KeyPolicy             `protobuf:"bytes,4,opt,name=policy,proto3" json:"policy,omitempty"`
+	// Unix seconds of the next automatic rotation; 0 if none is scheduled.
+	NextRotationTime int64 `protobuf:"varint,5,opt,name=next_rotation_time,json=nextRotationTime,proto3" json:"next_rotation_time,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *Key) Reset() {
+	*x = Key{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Key) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Key) ProtoMessage() {}
+
+func (x *Key) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Key.ProtoReflect.Descriptor instead.
+func (*Key) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Key) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *Key) GetCurrentVersion() uint32 {
+	if x != nil {
+		return x.CurrentVersion
+	}
+	return 0
+}
+
+func (x *Key) GetVersions() []*KeyVersion {
+	if x != nil {
+		return x.Versions
+	}
+	return nil
+}
+
+func (x *Key) GetPolicy() *KeyPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *Key) GetNextRotationTime() int64 {
+	if x != nil {
+		return x.NextRotationTime
+	}
+	return 0
+}
+
+type KeyPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 0: never rotate automatically; else at least 3600.
+	RotationPeriodSeconds int64 `protobuf:"varint,1,opt,name=rotation_period_seconds,json=rotationPeriodSeconds,proto3" json:"rotation_period_seconds,omitempty"`
+	// Versions below it refuse to decrypt; 0 or 1: none.
+	MinDecryptionVersion uint32 `protobuf:"varint,2,opt,name=min_decryption_version,json=minDecryptionVersion,proto3" json:"min_decryption_version,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *KeyPolicy) Reset() {
+	*x = KeyPolicy{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyPolicy) ProtoMessage() {}
+
+func (x *KeyPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyPolicy.ProtoReflect.Descriptor instead.
+func (*KeyPolicy) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *KeyPolicy) GetRotationPeriodSeconds() int64 {
+	if x != nil {
+		return x.RotationPeriodSeconds
+	}
+	return 0
+}
+
+func (x *KeyPolicy) GetMinDecryptionVersion() uint32 {
+	if x != nil {
+		return x.MinDecryptionVersion
+	}
+	return 0
+}
+
+type RotateKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKeyRequest) Reset() {
+	*x = RotateKeyRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyRequest) ProtoMessage() {}
+
+func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RotateKeyRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+type GetKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetKeyRequest) Reset() {
+	*x = GetKeyRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetKeyRequest) ProtoMessage() {}
+
+func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
+func (*GetKeyRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetKeyRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+type SetKeyPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Policy        *KeyPolicy             `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetKeyPolicyRequest) Reset() {
+	*x = SetKeyPolicyRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetKeyPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetKeyPolicyRequest) ProtoMessage() {}
+
+func (x *SetKeyPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetKeyPolicyRequest.ProtoReflect.Descriptor instead.
+func (*SetKeyPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *SetKeyPolicyRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *SetKeyPolicyRequest) GetPolicy() *KeyPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+type VersionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VersionRequest) Reset() {
+	*x = VersionRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VersionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VersionRequest) ProtoMessage() {}
+
+func (x *VersionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VersionRequest.ProtoReflect.Descriptor instead.
+func (*VersionRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *VersionRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *VersionRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type ScheduleDestroyRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Tenant  string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// 0: the default waiting period.
+	WaitSeconds   int64 `protobuf:"varint,3,opt,name=wait_seconds,json=waitSeconds,proto3" json:"wait_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleDestroyRequest) Reset() {
+	*x = ScheduleDestroyRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleDestroyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleDestroyRequest) ProtoMessage() {}
+
+func (x *ScheduleDestroyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleDestroyRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleDestroyRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ScheduleDestroyRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *ScheduleDestroyRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ScheduleDestroyRequest) GetWaitSeconds() int64 {
+	if x != nil {
+		return x.WaitSeconds
+	}
+	return 0
+}
+
 type CreateTenantRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 1 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit.
@@ -474,7 +1106,7 @@ type CreateTenantRequest struct {
 
 func (x *CreateTenantRequest) Reset() {
 	*x = CreateTenantRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[8]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -486,7 +1118,7 @@ func (x *CreateTenantRequest) String() string {
 func (*CreateTenantRequest) ProtoMessage() {}
 
 func (x *CreateTenantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[8]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -499,7 +1131,7 @@ func (x *CreateTenantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTenantRequest.ProtoReflect.Descriptor instead.
 func (*CreateTenantRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{8}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateTenantRequest) GetName() string {
@@ -518,7 +1150,7 @@ type GetTenantRequest struct {
 
 func (x *GetTenantRequest) Reset() {
 	*x = GetTenantRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[9]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +1162,7 @@ func (x *GetTenantRequest) String() string {
 func (*GetTenantRequest) ProtoMessage() {}
 
 func (x *GetTenantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[9]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +1175,7 @@ func (x *GetTenantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTenantRequest.ProtoReflect.Descriptor instead.
 func (*GetTenantRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{9}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetTenantRequest) GetName() string {
@@ -565,7 +1197,7 @@ type ListTenantsRequest struct {
 
 func (x *ListTenantsRequest) Reset() {
 	*x = ListTenantsRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[10]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -577,7 +1209,7 @@ func (x *ListTenantsRequest) String() string {
 func (*ListTenantsRequest) ProtoMessage() {}
 
 func (x *ListTenantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[10]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -590,7 +1222,7 @@ func (x *ListTenantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTenantsRequest.ProtoReflect.Descriptor instead.
 func (*ListTenantsRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{10}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListTenantsRequest) GetPageSize() int32 {
@@ -618,7 +1250,7 @@ type ListTenantsResponse struct {
 
 func (x *ListTenantsResponse) Reset() {
 	*x = ListTenantsResponse{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[11]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +1262,7 @@ func (x *ListTenantsResponse) String() string {
 func (*ListTenantsResponse) ProtoMessage() {}
 
 func (x *ListTenantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[11]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +1275,7 @@ func (x *ListTenantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTenantsResponse.ProtoReflect.Descriptor instead.
 func (*ListTenantsResponse) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{11}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListTenantsResponse) GetTenants() []*Tenant {
@@ -676,7 +1308,7 @@ type Tenant struct {
 
 func (x *Tenant) Reset() {
 	*x = Tenant{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[12]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -688,7 +1320,7 @@ func (x *Tenant) String() string {
 func (*Tenant) ProtoMessage() {}
 
 func (x *Tenant) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[12]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -701,7 +1333,7 @@ func (x *Tenant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tenant.ProtoReflect.Descriptor instead.
 func (*Tenant) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{12}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Tenant) GetName() string {
@@ -744,16 +1376,18 @@ type KeyVersion struct {
 	Version uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	// The root key (kdk) version this tenant version derives from.
 	KdkVersion uint32 `protobuf:"varint,2,opt,name=kdk_version,json=kdkVersion,proto3" json:"kdk_version,omitempty"`
-	// "enabled" for now; the rotation issue adds states.
-	State         string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
-	CreateTime    int64  `protobuf:"varint,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// "enabled", "disabled", "destroy_scheduled" or "destroyed".
+	State      string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	CreateTime int64  `protobuf:"varint,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Unix seconds: when a scheduled destruction happens, or happened.
+	DestroyTime   int64 `protobuf:"varint,5,opt,name=destroy_time,json=destroyTime,proto3" json:"destroy_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +1399,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +1412,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{13}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -809,11 +1443,30 @@ func (x *KeyVersion) GetCreateTime() int64 {
 	return 0
 }
 
+func (x *KeyVersion) GetDestroyTime() int64 {
+	if x != nil {
+		return x.DestroyTime
+	}
+	return 0
+}
+
 var File_api_hsmd_v1_hsmd_proto protoreflect.FileDescriptor
 
 const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\n" +
-	"\x16api/hsmd/v1/hsmd.proto\x12\ahsmd.v1\"T\n" +
+	"\x16api/hsmd/v1/hsmd.proto\x12\ahsmd.v1\"S\n" +
+	"\rRewrapRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12*\n" +
+	"\x05items\x18\x02 \x03(\v2\x14.hsmd.v1.DecryptItemR\x05items\"b\n" +
+	"\x0eRewrapResponse\x12/\n" +
+	"\aresults\x18\x01 \x03(\v2\x15.hsmd.v1.RewrapResultR\aresults\x12\x1f\n" +
+	"\vkey_version\x18\x02 \x01(\rR\n" +
+	"keyVersion\"X\n" +
+	"\fRewrapResult\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x01 \x01(\fR\n" +
+	"ciphertext\x12(\n" +
+	"\x05error\x18\x02 \x01(\v2\x12.hsmd.v1.ItemErrorR\x05error\"T\n" +
 	"\x0eEncryptRequest\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12*\n" +
 	"\x05items\x18\x02 \x03(\v2\x14.hsmd.v1.EncryptItemR\x05items\"\xa4\x01\n" +
@@ -846,7 +1499,34 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\tItemError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\")\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"B\n" +
+	"\x12ShredTenantRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aconfirm\x18\x02 \x01(\tR\aconfirm\"\x15\n" +
+	"\x13ShredTenantResponse\"\xd1\x01\n" +
+	"\x03Key\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12'\n" +
+	"\x0fcurrent_version\x18\x02 \x01(\rR\x0ecurrentVersion\x12/\n" +
+	"\bversions\x18\x03 \x03(\v2\x13.hsmd.v1.KeyVersionR\bversions\x12*\n" +
+	"\x06policy\x18\x04 \x01(\v2\x12.hsmd.v1.KeyPolicyR\x06policy\x12,\n" +
+	"\x12next_rotation_time\x18\x05 \x01(\x03R\x10nextRotationTime\"y\n" +
+	"\tKeyPolicy\x126\n" +
+	"\x17rotation_period_seconds\x18\x01 \x01(\x03R\x15rotationPeriodSeconds\x124\n" +
+	"\x16min_decryption_version\x18\x02 \x01(\rR\x14minDecryptionVersion\"*\n" +
+	"\x10RotateKeyRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\"'\n" +
+	"\rGetKeyRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\"Y\n" +
+	"\x13SetKeyPolicyRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12*\n" +
+	"\x06policy\x18\x02 \x01(\v2\x12.hsmd.v1.KeyPolicyR\x06policy\"B\n" +
+	"\x0eVersionRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"m\n" +
+	"\x16ScheduleDestroyRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\x12!\n" +
+	"\fwait_seconds\x18\x03 \x01(\x03R\vwaitSeconds\")\n" +
 	"\x13CreateTenantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"&\n" +
 	"\x10GetTenantRequest\x12\x12\n" +
@@ -864,7 +1544,7 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x0fcurrent_version\x18\x03 \x01(\rR\x0ecurrentVersion\x12/\n" +
 	"\bversions\x18\x04 \x03(\v2\x13.hsmd.v1.KeyVersionR\bversions\x12\x1f\n" +
 	"\vcreate_time\x18\x05 \x01(\x03R\n" +
-	"createTime\"~\n" +
+	"createTime\"\xa1\x01\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1f\n" +
@@ -872,14 +1552,25 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"kdkVersion\x12\x14\n" +
 	"\x05state\x18\x03 \x01(\tR\x05state\x12\x1f\n" +
 	"\vcreate_time\x18\x04 \x01(\x03R\n" +
-	"createTime2\x86\x01\n" +
+	"createTime\x12!\n" +
+	"\fdestroy_time\x18\x05 \x01(\x03R\vdestroyTime2\xc1\x01\n" +
 	"\bEnvelope\x12<\n" +
 	"\aEncrypt\x12\x17.hsmd.v1.EncryptRequest\x1a\x18.hsmd.v1.EncryptResponse\x12<\n" +
-	"\aDecrypt\x12\x17.hsmd.v1.DecryptRequest\x1a\x18.hsmd.v1.DecryptResponse2\xcb\x01\n" +
+	"\aDecrypt\x12\x17.hsmd.v1.DecryptRequest\x1a\x18.hsmd.v1.DecryptResponse\x129\n" +
+	"\x06Rewrap\x12\x16.hsmd.v1.RewrapRequest\x1a\x17.hsmd.v1.RewrapResponse2\x95\x02\n" +
 	"\aTenants\x12=\n" +
 	"\fCreateTenant\x12\x1c.hsmd.v1.CreateTenantRequest\x1a\x0f.hsmd.v1.Tenant\x127\n" +
 	"\tGetTenant\x12\x19.hsmd.v1.GetTenantRequest\x1a\x0f.hsmd.v1.Tenant\x12H\n" +
-	"\vListTenants\x12\x1b.hsmd.v1.ListTenantsRequest\x1a\x1c.hsmd.v1.ListTenantsResponseB)Z'github.com/hsmd/hsmd/api/hsmd/v1;hsmdv1b\x06proto3"
+	"\vListTenants\x12\x1b.hsmd.v1.ListTenantsRequest\x1a\x1c.hsmd.v1.ListTenantsResponse\x12H\n" +
+	"\vShredTenant\x12\x1b.hsmd.v1.ShredTenantRequest\x1a\x1c.hsmd.v1.ShredTenantResponse2\x93\x03\n" +
+	"\x04Keys\x124\n" +
+	"\tRotateKey\x12\x19.hsmd.v1.RotateKeyRequest\x1a\f.hsmd.v1.Key\x12.\n" +
+	"\x06GetKey\x12\x16.hsmd.v1.GetKeyRequest\x1a\f.hsmd.v1.Key\x12:\n" +
+	"\fSetKeyPolicy\x12\x1c.hsmd.v1.SetKeyPolicyRequest\x1a\f.hsmd.v1.Key\x127\n" +
+	"\x0eDisableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x126\n" +
+	"\rEnableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x12@\n" +
+	"\x0fScheduleDestroy\x12\x1f.hsmd.v1.ScheduleDestroyRequest\x1a\f.hsmd.v1.Key\x126\n" +
+	"\rCancelDestroy\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.KeyB)Z'github.com/hsmd/hsmd/api/hsmd/v1;hsmdv1b\x06proto3"
 
 var (
 	file_api_hsmd_v1_hsmd_proto_rawDescOnce sync.Once
@@ -893,49 +1584,85 @@ func file_api_hsmd_v1_hsmd_proto_rawDescGZIP() []byte {
 	return file_api_hsmd_v1_hsmd_proto_rawDescData
 }
 
-var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_api_hsmd_v1_hsmd_proto_goTypes = []any{
-	(*EncryptRequest)(nil),      // 0: hsmd.v1.EncryptRequest
-	(*EncryptItem)(nil),         // 1: hsmd.v1.EncryptItem
-	(*EncryptResponse)(nil),     // 2: hsmd.v1.EncryptResponse
-	(*DecryptRequest)(nil),      // 3: hsmd.v1.DecryptRequest
-	(*DecryptItem)(nil),         // 4: hsmd.v1.DecryptItem
-	(*DecryptResponse)(nil),     // 5: hsmd.v1.DecryptResponse
-	(*DecryptResult)(nil),       // 6: hsmd.v1.DecryptResult
-	(*ItemError)(nil),           // 7: hsmd.v1.ItemError
-	(*CreateTenantRequest)(nil), // 8: hsmd.v1.CreateTenantRequest
-	(*GetTenantRequest)(nil),    // 9: hsmd.v1.GetTenantRequest
-	(*ListTenantsRequest)(nil),  // 10: hsmd.v1.ListTenantsRequest
-	(*ListTenantsResponse)(nil), // 11: hsmd.v1.ListTenantsResponse
-	(*Tenant)(nil),              // 12: hsmd.v1.Tenant
-	(*KeyVersion)(nil),          // 13: hsmd.v1.KeyVersion
-	nil,                         // 14: hsmd.v1.EncryptItem.ContextEntry
-	nil,                         // 15: hsmd.v1.DecryptItem.ContextEntry
+	(*RewrapRequest)(nil),          // 0: hsmd.v1.RewrapRequest
+	(*RewrapResponse)(nil),         // 1: hsmd.v1.RewrapResponse
+	(*RewrapResult)(nil),           // 2: hsmd.v1.RewrapResult
+	(*EncryptRequest)(nil),         // 3: hsmd.v1.EncryptRequest
+	(*EncryptItem)(nil),            // 4: hsmd.v1.EncryptItem
+	(*EncryptResponse)(nil),        // 5: hsmd.v1.EncryptResponse
+	(*DecryptRequest)(nil),         // 6: hsmd.v1.DecryptRequest
+	(*DecryptItem)(nil),            // 7: hsmd.v1.DecryptItem
+	(*DecryptResponse)(nil),        // 8: hsmd.v1.DecryptResponse
+	(*DecryptResult)(nil),          // 9: hsmd.v1.DecryptResult
+	(*ItemError)(nil),              // 10: hsmd.v1.ItemError
+	(*ShredTenantRequest)(nil),     // 11: hsmd.v1.ShredTenantRequest
+	(*ShredTenantResponse)(nil),    // 12: hsmd.v1.ShredTenantResponse
+	(*Key)(nil),                    // 13: hsmd.v1.Key
+	(*KeyPolicy)(nil),              // 14: hsmd.v1.KeyPolicy
+	(*RotateKeyRequest)(nil),       // 15: hsmd.v1.RotateKeyRequest
+	(*GetKeyRequest)(nil),          // 16: hsmd.v1.GetKeyRequest
+	(*SetKeyPolicyRequest)(nil),    // 17: hsmd.v1.SetKeyPolicyRequest
+	(*VersionRequest)(nil),         // 18: hsmd.v1.VersionRequest
+	(*ScheduleDestroyRequest)(nil), // 19: hsmd.v1.ScheduleDestroyRequest
+	(*CreateTenantRequest)(nil),    // 20: hsmd.v1.CreateTenantRequest
+	(*GetTenantRequest)(nil),       // 21: hsmd.v1.GetTenantRequest
+	(*ListTenantsRequest)(nil),     // 22: hsmd.v1.ListTenantsRequest
+	(*ListTenantsResponse)(nil),    // 23: hsmd.v1.ListTenantsResponse
+	(*Tenant)(nil),                 // 24: hsmd.v1.Tenant
+	(*KeyVersion)(nil),             // 25: hsmd.v1.KeyVersion
+	nil,                            // 26: hsmd.v1.EncryptItem.ContextEntry
+	nil,                            // 27: hsmd.v1.DecryptItem.ContextEntry
 }
 var file_api_hsmd_v1_hsmd_proto_depIdxs = []int32{
-	1,  // 0: hsmd.v1.EncryptRequest.items:type_name -> hsmd.v1.EncryptItem
-	14, // 1: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
-	4,  // 2: hsmd.v1.DecryptRequest.items:type_name -> hsmd.v1.DecryptItem
-	15, // 3: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
-	6,  // 4: hsmd.v1.DecryptResponse.results:type_name -> hsmd.v1.DecryptResult
-	7,  // 5: hsmd.v1.DecryptResult.error:type_name -> hsmd.v1.ItemError
-	12, // 6: hsmd.v1.ListTenantsResponse.tenants:type_name -> hsmd.v1.Tenant
-	13, // 7: hsmd.v1.Tenant.versions:type_name -> hsmd.v1.KeyVersion
-	0,  // 8: hsmd.v1.Envelope.Encrypt:input_type -> hsmd.v1.EncryptRequest
-	3,  // 9: hsmd.v1.Envelope.Decrypt:input_type -> hsmd.v1.DecryptRequest
-	8,  // 10: hsmd.v1.Tenants.CreateTenant:input_type -> hsmd.v1.CreateTenantRequest
-	9,  // 11: hsmd.v1.Tenants.GetTenant:input_type -> hsmd.v1.GetTenantRequest
-	10, // 12: hsmd.v1.Tenants.ListTenants:input_type -> hsmd.v1.ListTenantsRequest
-	2,  // 13: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
-	5,  // 14: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
-	12, // 15: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
-	12, // 16: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
-	11, // 17: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	7,  // 0: hsmd.v1.RewrapRequest.items:type_name -> hsmd.v1.DecryptItem
+	2,  // 1: hsmd.v1.RewrapResponse.results:type_name -> hsmd.v1.RewrapResult
+	10, // 2: hsmd.v1.RewrapResult.error:type_name -> hsmd.v1.ItemError
+	4,  // 3: hsmd.v1.EncryptRequest.items:type_name -> hsmd.v1.EncryptItem
+	26, // 4: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
+	7,  // 5: hsmd.v1.DecryptRequest.items:type_name -> hsmd.v1.DecryptItem
+	27, // 6: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
+	9,  // 7: hsmd.v1.DecryptResponse.results:type_name -> hsmd.v1.DecryptResult
+	10, // 8: hsmd.v1.DecryptResult.error:type_name -> hsmd.v1.ItemError
+	25, // 9: hsmd.v1.Key.versions:type_name -> hsmd.v1.KeyVersion
+	14, // 10: hsmd.v1.Key.policy:type_name -> hsmd.v1.KeyPolicy
+	14, // 11: hsmd.v1.SetKeyPolicyRequest.policy:type_name -> hsmd.v1.KeyPolicy
+	24, // 12: hsmd.v1.ListTenantsResponse.tenants:type_name -> hsmd.v1.Tenant
+	25, // 13: hsmd.v1.Tenant.versions:type_name -> hsmd.v1.KeyVersion
+	3,  // 14: hsmd.v1.Envelope.Encrypt:input_type -> hsmd.v1.EncryptRequest
+	6,  // 15: hsmd.v1.Envelope.Decrypt:input_type -> hsmd.v1.DecryptRequest
+	0,  // 16: hsmd.v1.Envelope.Rewrap:input_type -> hsmd.v1.RewrapRequest
+	20, // 17: hsmd.v1.Tenants.CreateTenant:input_type -> hsmd.v1.CreateTenantRequest
+	21, // 18: hsmd.v1.Tenants.GetTenant:input_type -> hsmd.v1.GetTenantRequest
+	22, // 19: hsmd.v1.Tenants.ListTenants:input_type -> hsmd.v1.ListTenantsRequest
+	11, // 20: hsmd.v1.Tenants.ShredTenant:input_type -> hsmd.v1.ShredTenantRequest
+	15, // 21: hsmd.v1.Keys.RotateKey:input_type -> hsmd.v1.RotateKeyRequest
+	16, // 22: hsmd.v1.Keys.GetKey:input_type -> hsmd.v1.GetKeyRequest
+	17, // 23: hsmd.v1.Keys.SetKeyPolicy:input_type -> hsmd.v1.SetKeyPolicyRequest
+	18, // 24: hsmd.v1.Keys.DisableVersion:input_type -> hsmd.v1.VersionRequest
+	18, // 25: hsmd.v1.Keys.EnableVersion:input_type -> hsmd.v1.VersionRequest
+	19, // 26: hsmd.v1.Keys.ScheduleDestroy:input_type -> hsmd.v1.ScheduleDestroyRequest
+	18, // 27: hsmd.v1.Keys.CancelDestroy:input_type -> hsmd.v1.VersionRequest
+	5,  // 28: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
+	8,  // 29: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
+	1,  // 30: hsmd.v1.Envelope.Rewrap:output_type -> hsmd.v1.RewrapResponse
+	24, // 31: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
+	24, // 32: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
+	23, // 33: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
+	12, // 34: hsmd.v1.Tenants.ShredTenant:output_type -> hsmd.v1.ShredTenantResponse
+	13, // 35: hsmd.v1.Keys.RotateKey:output_type -> hsmd.v1.Key
+	13, // 36: hsmd.v1.Keys.GetKey:output_type -> hsmd.v1.Key
+	13, // 37: hsmd.v1.Keys.SetKeyPolicy:output_type -> hsmd.v1.Key
+	13, // 38: hsmd.v1.Keys.DisableVersion:output_type -> hsmd.v1.Key
+	13, // 39: hsmd.v1.Keys.EnableVersion:output_type -> hsmd.v1.Key
+	13, // 40: hsmd.v1.Keys.ScheduleDestroy:output_type -> hsmd.v1.Key
+	13, // 41: hsmd.v1.Keys.CancelDestroy:output_type -> hsmd.v1.Key
+	28, // [28:42] is the sub-list for method output_type
+	14, // [14:28] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_api_hsmd_v1_hsmd_proto_init() }
@@ -949,9 +1676,9 @@ func file_api_hsmd_v1_hsmd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_hsmd_v1_hsmd_proto_rawDesc), len(file_api_hsmd_v1_hsmd_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   28,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_api_hsmd_v1_hsmd_proto_goTypes,
 		DependencyIndexes: file_api_hsmd_v1_hsmd_proto_depIdxs,

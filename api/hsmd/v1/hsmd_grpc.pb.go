@@ -27,6 +27,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Envelope_Encrypt_FullMethodName = "/hsmd.v1.Envelope/Encrypt"
 	Envelope_Decrypt_FullMethodName = "/hsmd.v1.Envelope/Decrypt"
+	Envelope_Rewrap_FullMethodName  = "/hsmd.v1.Envelope/Rewrap"
 )
 
 // EnvelopeClient is the client API for Envelope service.
@@ -42,6 +43,11 @@ type EnvelopeClient interface {
 	// Decrypt opens every item. Each item succeeds or fails on its own: one
 	// bad ciphertext does not fail the batch.
 	Decrypt(ctx context.Context, in *DecryptRequest, opts ...grpc.CallOption) (*DecryptResponse, error)
+	// Rewrap re-encrypts each item under the tenant's current key version,
+	// with the same context; the plaintext never leaves the server. An item
+	// already under the current version comes back unchanged. Each item
+	// succeeds or fails on its own, as in Decrypt.
+	Rewrap(ctx context.Context, in *RewrapRequest, opts ...grpc.CallOption) (*RewrapResponse, error)
 }
 
 type envelopeClient struct {
@@ -72,6 +78,16 @@ func (c *envelopeClient) Decrypt(ctx context.Context, in *DecryptRequest, opts .
 	return out, nil
 }
 
+func (c *envelopeClient) Rewrap(ctx context.Context, in *RewrapRequest, opts ...grpc.CallOption) (*RewrapResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RewrapResponse)
+	err := c.cc.Invoke(ctx, Envelope_Rewrap_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EnvelopeServer is the server API for Envelope service.
 // All implementations must embed UnimplementedEnvelopeServer
 // for forward compatibility.
@@ -85,6 +101,11 @@ type EnvelopeServer interface {
 	// Decrypt opens every item. Each item succeeds or fails on its own: one
 	// bad ciphertext does not fail the batch.
 	Decrypt(context.Context, *DecryptRequest) (*DecryptResponse, error)
+	// Rewrap re-encrypts each item under the tenant's current key version,
+	// with the same context; the plaintext never leaves the server. An item
+	// already under the current version comes back unchanged. Each item
+	// succeeds or fails on its own, as in Decrypt.
+	Rewrap(context.Context, *RewrapRequest) (*RewrapResponse, error)
 	mustEmbedUnimplementedEnvelopeServer()
 }
 
@@ -100,6 +121,9 @@ func (UnimplementedEnvelopeServer) Encrypt(context.Context, *EncryptRequest) (*E
 }
 func (UnimplementedEnvelopeServer) Decrypt(context.Context, *DecryptRequest) (*DecryptResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Decrypt not implemented")
+}
+func (UnimplementedEnvelopeServer) Rewrap(context.Context, *RewrapRequest) (*RewrapResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Rewrap not implemented")
 }
 func (UnimplementedEnvelopeServer) mustEmbedUnimplementedEnvelopeServer() {}
 func (UnimplementedEnvelopeServer) testEmbeddedByValue()                  {}
@@ -158,6 +182,24 @@ func _Envelope_Decrypt_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Envelope_Rewrap_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RewrapRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EnvelopeServer).Rewrap(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Envelope_Rewrap_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EnvelopeServer).Rewrap(ctx, req.(*RewrapRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Envelope_ServiceDesc is the grpc.ServiceDesc for Envelope service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -173,6 +215,10 @@ var Envelope_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Decrypt",
 			Handler:    _Envelope_Decrypt_Handler,
 		},
+		{
+			MethodName: "Rewrap",
+			Handler:    _Envelope_Rewrap_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "api/hsmd/v1/hsmd.proto",
@@ -182,6 +228,7 @@ const (
 	Tenants_CreateTenant_FullMethodName = "/hsmd.v1.Tenants/CreateTenant"
 	Tenants_GetTenant_FullMethodName    = "/hsmd.v1.Tenants/GetTenant"
 	Tenants_ListTenants_FullMethodName  = "/hsmd.v1.Tenants/ListTenants"
+	Tenants_ShredTenant_FullMethodName  = "/hsmd.v1.Tenants/ShredTenant"
 )
 
 // TenantsClient is the client API for Tenants service.
@@ -197,6 +244,10 @@ type TenantsClient interface {
 	GetTenant(ctx context.Context, in *GetTenantRequest, opts ...grpc.CallOption) (*Tenant, error)
 	// ListTenants returns tenants in name order, a page at a time.
 	ListTenants(ctx context.Context, in *ListTenantsRequest, opts ...grpc.CallOption) (*ListTenantsResponse, error)
+	// ShredTenant destroys the tenant's key material (every version's salt):
+	// nothing it encrypted can be decrypted again (docs/KEYS.md says what
+	// store backups still allow). confirm must repeat the name.
+	ShredTenant(ctx context.Context, in *ShredTenantRequest, opts ...grpc.CallOption) (*ShredTenantResponse, error)
 }
 
 type tenantsClient struct {
@@ -237,6 +288,16 @@ func (c *tenantsClient) ListTenants(ctx context.Context, in *ListTenantsRequest,
 	return out, nil
 }
 
+func (c *tenantsClient) ShredTenant(ctx context.Context, in *ShredTenantRequest, opts ...grpc.CallOption) (*ShredTenantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShredTenantResponse)
+	err := c.cc.Invoke(ctx, Tenants_ShredTenant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TenantsServer is the server API for Tenants service.
 // All implementations must embed UnimplementedTenantsServer
 // for forward compatibility.
@@ -250,6 +311,10 @@ type TenantsServer interface {
 	GetTenant(context.Context, *GetTenantRequest) (*Tenant, error)
 	// ListTenants returns tenants in name order, a page at a time.
 	ListTenants(context.Context, *ListTenantsRequest) (*ListTenantsResponse, error)
+	// ShredTenant destroys the tenant's key material (every version's salt):
+	// nothing it encrypted can be decrypted again (docs/KEYS.md says what
+	// store backups still allow). confirm must repeat the name.
+	ShredTenant(context.Context, *ShredTenantRequest) (*ShredTenantResponse, error)
 	mustEmbedUnimplementedTenantsServer()
 }
 
@@ -268,6 +333,9 @@ func (UnimplementedTenantsServer) GetTenant(context.Context, *GetTenantRequest) 
 }
 func (UnimplementedTenantsServer) ListTenants(context.Context, *ListTenantsRequest) (*ListTenantsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTenants not implemented")
+}
+func (UnimplementedTenantsServer) ShredTenant(context.Context, *ShredTenantRequest) (*ShredTenantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ShredTenant not implemented")
 }
 func (UnimplementedTenantsServer) mustEmbedUnimplementedTenantsServer() {}
 func (UnimplementedTenantsServer) testEmbeddedByValue()                 {}
@@ -344,6 +412,24 @@ func _Tenants_ListTenants_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Tenants_ShredTenant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShredTenantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TenantsServer).ShredTenant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Tenants_ShredTenant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TenantsServer).ShredTenant(ctx, req.(*ShredTenantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Tenants_ServiceDesc is the grpc.ServiceDesc for Tenants service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +448,360 @@ var Tenants_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListTenants",
 			Handler:    _Tenants_ListTenants_Handler,
+		},
+		{
+			MethodName: "ShredTenant",
+			Handler:    _Tenants_ShredTenant_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "api/hsmd/v1/hsmd.proto",
+}
+
+const (
+	Keys_RotateKey_FullMethodName       = "/hsmd.v1.Keys/RotateKey"
+	Keys_GetKey_FullMethodName          = "/hsmd.v1.Keys/GetKey"
+	Keys_SetKeyPolicy_FullMethodName    = "/hsmd.v1.Keys/SetKeyPolicy"
+	Keys_DisableVersion_FullMethodName  = "/hsmd.v1.Keys/DisableVersion"
+	Keys_EnableVersion_FullMethodName   = "/hsmd.v1.Keys/EnableVersion"
+	Keys_ScheduleDestroy_FullMethodName = "/hsmd.v1.Keys/ScheduleDestroy"
+	Keys_CancelDestroy_FullMethodName   = "/hsmd.v1.Keys/CancelDestroy"
+)
+
+// KeysClient is the client API for Keys service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Keys manages a tenant's key versions. Rotation is metadata only: no HSM
+// object is made, so it is instant.
+type KeysClient interface {
+	// RotateKey makes a new version current; older versions keep
+	// decrypting.
+	RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*Key, error)
+	GetKey(ctx context.Context, in *GetKeyRequest, opts ...grpc.CallOption) (*Key, error)
+	SetKeyPolicy(ctx context.Context, in *SetKeyPolicyRequest, opts ...grpc.CallOption) (*Key, error)
+	// DisableVersion makes a (non-current) version refuse to decrypt;
+	// EnableVersion undoes it.
+	DisableVersion(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error)
+	EnableVersion(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error)
+	// ScheduleDestroy destroys a (non-current) version after a waiting
+	// period (default 7 days, at least 24 h outside the dev profile); until
+	// then it refuses to decrypt and CancelDestroy returns it to disabled.
+	ScheduleDestroy(ctx context.Context, in *ScheduleDestroyRequest, opts ...grpc.CallOption) (*Key, error)
+	CancelDestroy(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error)
+}
+
+type keysClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewKeysClient(cc grpc.ClientConnInterface) KeysClient {
+	return &keysClient{cc}
+}
+
+func (c *keysClient) RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) GetKey(ctx context.Context, in *GetKeyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_GetKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) SetKeyPolicy(ctx context.Context, in *SetKeyPolicyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_SetKeyPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) DisableVersion(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_DisableVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) EnableVersion(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_EnableVersion_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) ScheduleDestroy(ctx context.Context, in *ScheduleDestroyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_ScheduleDestroy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *keysClient) CancelDestroy(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Keys_CancelDestroy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// KeysServer is the server API for Keys service.
+// All implementations must embed UnimplementedKeysServer
+// for forward compatibility.
+//
+// Keys manages a tenant's key versions. Rotation is metadata only: no HSM
+// object is made, so it is instant.
+type KeysServer interface {
+	// RotateKey makes a new version current; older versions keep
+	// decrypting.
+	RotateKey(context.Context, *RotateKeyRequest) (*Key, error)
+	GetKey(context.Context, *GetKeyRequest) (*Key, error)
+	SetKeyPolicy(context.Context, *SetKeyPolicyRequest) (*Key, error)
+	// DisableVersion makes a (non-current) version refuse to decrypt;
+	// EnableVersion undoes it.
+	DisableVersion(context.Context, *VersionRequest) (*Key, error)
+	EnableVersion(context.Context, *VersionRequest) (*Key, error)
+	// ScheduleDestroy destroys a (non-current) version after a waiting
+	// period (default 7 days, at least 24 h outside the dev profile); until
+	// then it refuses to decrypt and CancelDestroy returns it to disabled.
+	ScheduleDestroy(context.Context, *ScheduleDestroyRequest) (*Key, error)
+	CancelDestroy(context.Context, *VersionRequest) (*Key, error)
+	mustEmbedUnimplementedKeysServer()
+}
+
+// UnimplementedKeysServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedKeysServer struct{}
+
+func (UnimplementedKeysServer) RotateKey(context.Context, *RotateKeyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedKeysServer) GetKey(context.Context, *GetKeyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetKey not implemented")
+}
+func (UnimplementedKeysServer) SetKeyPolicy(context.Context, *SetKeyPolicyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetKeyPolicy not implemented")
+}
+func (UnimplementedKeysServer) DisableVersion(context.Context, *VersionRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisableVersion not implemented")
+}
+func (UnimplementedKeysServer) EnableVersion(context.Context, *VersionRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method EnableVersion not implemented")
+}
+func (UnimplementedKeysServer) ScheduleDestroy(context.Context, *ScheduleDestroyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method ScheduleDestroy not implemented")
+}
+func (UnimplementedKeysServer) CancelDestroy(context.Context, *VersionRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelDestroy not implemented")
+}
+func (UnimplementedKeysServer) mustEmbedUnimplementedKeysServer() {}
+func (UnimplementedKeysServer) testEmbeddedByValue()              {}
+
+// UnsafeKeysServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to KeysServer will
+// result in compilation errors.
+type UnsafeKeysServer interface {
+	mustEmbedUnimplementedKeysServer()
+}
+
+func RegisterKeysServer(s grpc.ServiceRegistrar, srv KeysServer) {
+	// If the following call panics, it indicates UnimplementedKeysServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Keys_ServiceDesc, srv)
+}
+
+func _Keys_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).RotateKey(ctx, req.(*RotateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_GetKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).GetKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_GetKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).GetKey(ctx, req.(*GetKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_SetKeyPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetKeyPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).SetKeyPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_SetKeyPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).SetKeyPolicy(ctx, req.(*SetKeyPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_DisableVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).DisableVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_DisableVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).DisableVersion(ctx, req.(*VersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_EnableVersion_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).EnableVersion(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_EnableVersion_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).EnableVersion(ctx, req.(*VersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_ScheduleDestroy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScheduleDestroyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).ScheduleDestroy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_ScheduleDestroy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).ScheduleDestroy(ctx, req.(*ScheduleDestroyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Keys_CancelDestroy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VersionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).CancelDestroy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_CancelDestroy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).CancelDestroy(ctx, req.(*VersionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Keys_ServiceDesc is the grpc.ServiceDesc for Keys service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Keys_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "hsmd.v1.Keys",
+	HandlerType: (*KeysServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "RotateKey",
+			Handler:    _Keys_RotateKey_Handler,
+		},
+		{
+			MethodName: "GetKey",
+			Handler:    _Keys_GetKey_Handler,
+		},
+		{
+			MethodName: "SetKeyPolicy",
+			Handler:    _Keys_SetKeyPolicy_Handler,
+		},
+		{
+			MethodName: "DisableVersion",
+			Handler:    _Keys_DisableVersion_Handler,
+		},
+		{
+			MethodName: "EnableVersion",
+			Handler:    _Keys_EnableVersion_Handler,
+		},
+		{
+			MethodName: "ScheduleDestroy",
+			Handler:    _Keys_ScheduleDestroy_Handler,
+		},
+		{
+			MethodName: "CancelDestroy",
+			Handler:    _Keys_CancelDestroy_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
