@@ -1,6 +1,6 @@
 // Package client is the Go client of hsmd for platform services: batched
-// envelope encryption and decryption, and tenant management, over hsmd's
-// gRPC API (package hsmdv1).
+// envelope encryption, decryption and rewrapping, and the management of
+// tenants and their keys, over hsmd's gRPC API (package hsmdv1).
 //
 // # Connecting
 //
@@ -24,9 +24,11 @@
 // codes.Unavailable. Errors that start in this package begin with
 // "hsmd client: ".
 //
-// Decryption answers per item (see [Result]): any authentication failure is
-// the single error [ErrDecrypt], by design; an input that is not a
-// ciphertext wraps [ErrMalformed]; anything else is an [*ItemError].
+// Decryption and rewrapping answer per item (see [Result]): any
+// authentication failure is the single error [ErrDecrypt], by design; an
+// input that is not a ciphertext wraps [ErrMalformed]; an item under a key
+// version that refuses to decrypt wraps [ErrKeyDisabled], [ErrKeyDestroyed]
+// or [ErrKeyRetired]; anything else is an [*ItemError].
 //
 // # Concurrency
 //
@@ -69,6 +71,7 @@ type Client struct {
 	conn    *grpc.ClientConn
 	env     hsmdv1.EnvelopeClient
 	tenants hsmdv1.TenantsClient
+	keys    hsmdv1.KeysClient
 	// one carries the single-item calls. It is the seam for auto-batching:
 	// a coalescer implementing singleSender replaces direct without
 	// changing EncryptOne's or DecryptOne's contract.
@@ -162,6 +165,7 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 		conn:    conn,
 		env:     hsmdv1.NewEnvelopeClient(conn),
 		tenants: hsmdv1.NewTenantsClient(conn),
+		keys:    hsmdv1.NewKeysClient(conn),
 	}
 	c.one = direct{c}
 	return c, nil

@@ -20,11 +20,36 @@ var ErrDecrypt = errors.New("hsmd client: decryption failed")
 // returned (wrapped) by [FromText].
 var ErrMalformed = errors.New("hsmd client: malformed ciphertext")
 
+// ErrKeyDisabled is wrapped by the error of an item under a key version
+// that is disabled ([Client.DisableVersion]) or scheduled for destruction
+// ([Client.ScheduleDestroy]). Enabling the version, or cancelling its
+// destruction and enabling it, makes the item decrypt again.
+var ErrKeyDisabled = errors.New("hsmd client: the key version is disabled")
+
+// ErrKeyDestroyed is wrapped by the error of an item under a key version
+// that is destroyed: the item can never be decrypted again.
+var ErrKeyDestroyed = errors.New("hsmd client: the key version is destroyed")
+
+// ErrKeyRetired is wrapped by the error of an item under a key version
+// below the tenant's [Policy.MinDecryptionVersion].
+var ErrKeyRetired = errors.New("hsmd client: the key version is retired")
+
 // Item reasons carried in the wire's ItemError.reason.
 const (
 	reasonDecryptFailed = "DECRYPT_FAILED"
 	reasonMalformed     = "MALFORMED"
+	reasonKeyDisabled   = "KEY_DISABLED"
+	reasonKeyDestroyed  = "KEY_DESTROYED"
+	reasonKeyRetired    = "KEY_VERSION_RETIRED"
 )
+
+// reasonErrs are the sentinels that ItemError.Unwrap returns, by reason.
+var reasonErrs = map[string]error{
+	reasonMalformed:    ErrMalformed,
+	reasonKeyDisabled:  ErrKeyDisabled,
+	reasonKeyDestroyed: ErrKeyDestroyed,
+	reasonKeyRetired:   ErrKeyRetired,
+}
 
 // Item is one record to encrypt.
 type Item struct {
@@ -47,9 +72,12 @@ type CiphertextItem struct {
 // Plaintext may be nil for an empty plaintext.
 type Result struct {
 	Plaintext []byte
-	// Err is nil, ErrDecrypt, an *ItemError wrapping ErrMalformed, or an
-	// *ItemError with another code (codes.Unavailable when the item's key
-	// could not be derived; retrying may succeed).
+	// Err is nil, ErrDecrypt, an *ItemError wrapping ErrMalformed, an
+	// *ItemError with code codes.FailedPrecondition wrapping
+	// ErrKeyDisabled, ErrKeyDestroyed or ErrKeyRetired (the item's key
+	// version refuses to decrypt), or an *ItemError with another code
+	// (codes.Unavailable when the item's key could not be derived; retrying
+	// may succeed). Check it with errors.Is.
 	Err error
 }
 
@@ -58,7 +86,7 @@ type Result struct {
 // the server and never holds secrets or item contents.
 type ItemError struct {
 	Code    codes.Code
-	Reason  string // machine-readable, e.g. "MALFORMED", "UNAVAILABLE"
+	Reason  string // machine-readable, e.g. "MALFORMED", "KEY_DISABLED", "UNAVAILABLE"
 	Message string
 }
 
@@ -69,13 +97,10 @@ func (e *ItemError) Error() string {
 	return fmt.Sprintf("hsmd client: item failed: %s (%s)", e.Message, e.Code)
 }
 
-// Unwrap returns ErrMalformed for a MALFORMED item, else nil.
-func (e *ItemError) Unwrap() error {
-	if e.Reason == reasonMalformed {
-		return ErrMalformed
-	}
-	return nil
-}
+// Unwrap returns the sentinel of the reason: ErrMalformed for
+// "MALFORMED", ErrKeyDisabled for "KEY_DISABLED", ErrKeyDestroyed for
+// "KEY_DESTROYED", ErrKeyRetired for "KEY_VERSION_RETIRED"; else nil.
+func (e *ItemError) Unwrap() error { return reasonErrs[e.Reason] }
 
 // itemErr maps a wire item error to the Go error documented on Result.
 func itemErr(e *hsmdv1.ItemError) error {
@@ -146,7 +171,7 @@ func (c *Client) EncryptOne(ctx context.Context, tenant string, item Item) ([]by
 
 // DecryptOne opens one item and returns its plaintext. The error is the
 // call's error or the item's ([Result.Err]): check it with
-// errors.Is(err, ErrDecrypt) and errors.Is(err, ErrMalformed).
+// errors.Is(err, ErrDecrypt), errors.Is(err, ErrMalformed) and so on.
 func (c *Client) DecryptOne(ctx context.Context, tenant string, item CiphertextItem) ([]byte, error) {
 	return c.one.decryptOne(ctx, tenant, item)
 }

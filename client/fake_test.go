@@ -16,21 +16,26 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
-// fake implements just enough of the Envelope and Tenants services to test
-// the client's dialing and mapping logic. It does no cryptography: a
-// "ciphertext" is "ct:" + tenant + ":" + plaintext, and special
+// fake implements just enough of the Envelope, Tenants and Keys services
+// to test the client's dialing and mapping logic. It does no cryptography:
+// a "ciphertext" is "ct:" + tenant + ":" + plaintext, and special
 // ciphertexts trigger each item error.
 type fake struct {
 	hsmdv1.UnimplementedEnvelopeServer
 	hsmdv1.UnimplementedTenantsServer
+	hsmdv1.UnimplementedKeysServer
 
 	mu          sync.Mutex
 	lastContext map[string]string
 	tenants     map[string]*hsmdv1.Tenant
 	pageSize    int  // ListTenants page size, whatever the client asks
 	loopToken   bool // ListTenants always answers with the same token
+
+	lastReq proto.Message // the last Keys, Rewrap or ShredTenant request
+	key     *hsmdv1.Key   // every Keys method's answer
 }
 
 func (f *fake) Encrypt(_ context.Context, req *hsmdv1.EncryptRequest) (*hsmdv1.EncryptResponse, error) {
@@ -71,6 +76,12 @@ func (f *fake) Decrypt(_ context.Context, req *hsmdv1.DecryptRequest) (*hsmdv1.D
 			r = itemFailure(codes.Unavailable, "UNAVAILABLE", "key derivation unavailable")
 		case ct == "okcode":
 			r = itemFailure(codes.OK, "WEIRD", "")
+		case ct == "disabled":
+			r = itemFailure(codes.FailedPrecondition, "KEY_DISABLED", "the key version is disabled")
+		case ct == "destroyed":
+			r = itemFailure(codes.FailedPrecondition, "KEY_DESTROYED", "the key version is destroyed")
+		case ct == "retired":
+			r = itemFailure(codes.FailedPrecondition, "KEY_VERSION_RETIRED", "the key version is below the tenant's min_decryption_version")
 		case strings.HasPrefix(ct, "ct:"):
 			tenant, pt, _ := strings.Cut(strings.TrimPrefix(ct, "ct:"), ":")
 			if req.GetTenant() != "" && req.GetTenant() != tenant {
@@ -84,6 +95,42 @@ func (f *fake) Decrypt(_ context.Context, req *hsmdv1.DecryptRequest) (*hsmdv1.D
 		resp.Results = append(resp.Results, r)
 	}
 	return resp, nil
+}
+
+// Rewrap decrypts as Decrypt does and "seals" under version 4.
+func (f *fake) Rewrap(ctx context.Context, req *hsmdv1.RewrapRequest) (*hsmdv1.RewrapResponse, error) {
+	f.record(req)
+	dec, err := f.Decrypt(ctx, &hsmdv1.DecryptRequest{Tenant: req.GetTenant(), Items: req.GetItems()})
+	if err != nil {
+		return nil, err
+	}
+	resp := &hsmdv1.RewrapResponse{KeyVersion: 4}
+	for i, r := range dec.GetResults() {
+		switch {
+		case r.GetError() != nil:
+			resp.Results = append(resp.Results, &hsmdv1.RewrapResult{Error: r.GetError()})
+		case req.GetTenant() == "short" && i == 0: // a broken server that drops an item
+		case req.GetTenant() == "empty": // a broken server that loses a ciphertext
+			resp.Results = append(resp.Results, &hsmdv1.RewrapResult{})
+		default:
+			ct := "ct:" + req.GetTenant() + ":" + string(r.GetPlaintext())
+			resp.Results = append(resp.Results, &hsmdv1.RewrapResult{Ciphertext: []byte(ct)})
+		}
+	}
+	return resp, nil
+}
+
+func (f *fake) record(req proto.Message) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.lastReq = proto.Clone(req)
+}
+
+// lastRequest returns the last Keys, Rewrap or ShredTenant request.
+func (f *fake) lastRequest() proto.Message {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.lastReq
 }
 
 func itemFailure(c codes.Code, reason, msg string) *hsmdv1.DecryptResult {
@@ -143,6 +190,60 @@ func (f *fake) ListTenants(_ context.Context, req *hsmdv1.ListTenantsRequest) (*
 	return resp, nil
 }
 
+func (f *fake) ShredTenant(_ context.Context, req *hsmdv1.ShredTenantRequest) (*hsmdv1.ShredTenantResponse, error) {
+	f.record(req)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if req.GetConfirm() != req.GetName() {
+		return nil, status.Error(codes.InvalidArgument, "confirm must repeat the tenant name")
+	}
+	if _, ok := f.tenants[req.GetName()]; !ok {
+		return nil, status.Errorf(codes.NotFound, "tenant %q not found", req.GetName())
+	}
+	delete(f.tenants, req.GetName())
+	return &hsmdv1.ShredTenantResponse{}, nil
+}
+
+// keyAnswer records a Keys request and returns f.key, or NotFound for the
+// tenant "missing".
+func (f *fake) keyAnswer(req proto.Message, tenant string) (*hsmdv1.Key, error) {
+	f.record(req)
+	if tenant == "missing" {
+		return nil, status.Errorf(codes.NotFound, "tenant %q not found", tenant)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.key, nil
+}
+
+func (f *fake) RotateKey(_ context.Context, req *hsmdv1.RotateKeyRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) GetKey(_ context.Context, req *hsmdv1.GetKeyRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) SetKeyPolicy(_ context.Context, req *hsmdv1.SetKeyPolicyRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) DisableVersion(_ context.Context, req *hsmdv1.VersionRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) EnableVersion(_ context.Context, req *hsmdv1.VersionRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) ScheduleDestroy(_ context.Context, req *hsmdv1.ScheduleDestroyRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
+func (f *fake) CancelDestroy(_ context.Context, req *hsmdv1.VersionRequest) (*hsmdv1.Key, error) {
+	return f.keyAnswer(req, req.GetTenant())
+}
+
 // startFake serves a fake on a unix socket in a temporary directory and
 // returns it with the socket's absolute path.
 func startFake(t *testing.T) (*fake, string) {
@@ -161,6 +262,7 @@ func serveFake(t *testing.T, lis net.Listener) *fake {
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(DefaultMaxMsgSize), grpc.MaxSendMsgSize(DefaultMaxMsgSize))
 	hsmdv1.RegisterEnvelopeServer(srv, f)
 	hsmdv1.RegisterTenantsServer(srv, f)
+	hsmdv1.RegisterKeysServer(srv, f)
 	go srv.Serve(lis) //nolint:errcheck // Serve returns when Stop is called.
 	t.Cleanup(srv.Stop)
 	return f

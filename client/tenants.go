@@ -24,9 +24,13 @@ type KeyVersion struct {
 	Version uint32
 	// KDKVersion is the root key version this tenant version derives from.
 	KDKVersion uint32
-	// State is "enabled"; later versions of hsmd add states.
+	// State is one of StateEnabled, StateDisabled, StateDestroyScheduled
+	// and StateDestroyed; a later server may add states.
 	State      string
 	CreateTime time.Time
+	// DestroyTime is when a scheduled destruction happens, or happened;
+	// the zero time for a version never scheduled for destruction.
+	DestroyTime time.Time
 }
 
 // listPageSize is the page size ListTenants asks for (the server's maximum).
@@ -78,6 +82,16 @@ func (c *Client) ListTenants(ctx context.Context) ([]Tenant, error) {
 	}
 }
 
+// ShredTenant destroys every key version of the tenant, at once and for
+// good: nothing it encrypted can be decrypted again (what store backups
+// still allow is in docs/KEYS.md). There is no undo: ShredTenant sends the
+// name as the server's confirmation, so asking a human to confirm is the
+// caller's job. An unknown tenant is codes.NotFound.
+func (c *Client) ShredTenant(ctx context.Context, name string) error {
+	_, err := c.tenants.ShredTenant(ctx, &hsmdv1.ShredTenantRequest{Name: name, Confirm: name})
+	return err
+}
+
 func tenantFromProto(t *hsmdv1.Tenant) Tenant {
 	out := Tenant{
 		Name:           t.GetName(),
@@ -86,14 +100,19 @@ func tenantFromProto(t *hsmdv1.Tenant) Tenant {
 		CreateTime:     unixTime(t.GetCreateTime()),
 	}
 	for _, v := range t.GetVersions() {
-		out.Versions = append(out.Versions, KeyVersion{
-			Version:    v.GetVersion(),
-			KDKVersion: v.GetKdkVersion(),
-			State:      v.GetState(),
-			CreateTime: unixTime(v.GetCreateTime()),
-		})
+		out.Versions = append(out.Versions, keyVersionFromProto(v))
 	}
 	return out
+}
+
+func keyVersionFromProto(v *hsmdv1.KeyVersion) KeyVersion {
+	return KeyVersion{
+		Version:     v.GetVersion(),
+		KDKVersion:  v.GetKdkVersion(),
+		State:       v.GetState(),
+		CreateTime:  unixTime(v.GetCreateTime()),
+		DestroyTime: unixTime(v.GetDestroyTime()),
+	}
 }
 
 // unixTime maps Unix seconds to a time, and 0 (unset) to the zero time.

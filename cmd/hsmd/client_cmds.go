@@ -1,7 +1,7 @@
 package main
 
-// The client commands: tenants, encrypt and decrypt. They talk to a running
-// hsmd through package client.
+// The client commands: tenants, encrypt and decrypt (keys is in
+// keys_cmds.go). They talk to a running hsmd through package client.
 
 import (
 	"bytes"
@@ -245,6 +245,8 @@ func runDecrypt(ctx context.Context, env *cliEnv, args []string) error {
 		return errors.New("decryption failed")
 	case errors.Is(err, client.ErrMalformed):
 		return errors.New("input is not an hsmd ciphertext")
+	case errors.Is(err, client.ErrKeyDisabled), errors.Is(err, client.ErrKeyDestroyed), errors.Is(err, client.ErrKeyRetired):
+		return keyStateError(err, *tenant)
 	case errors.As(err, &ie):
 		return fmt.Errorf("decrypt: %s (%s)", ie.Message, ie.Code)
 	default:
@@ -255,12 +257,33 @@ func runDecrypt(ctx context.Context, env *cliEnv, args []string) error {
 	return err
 }
 
+// keyStateError is the CLI error of an item whose key version refuses to
+// decrypt: what happened, and what can be done about it.
+func keyStateError(err error, tenant string) error {
+	if tenant == "" {
+		tenant = "TENANT"
+	}
+	switch {
+	case errors.Is(err, client.ErrKeyDisabled):
+		return withHint(errors.New("the key version is disabled"),
+			fmt.Sprintf("`hsmd keys show %s` shows its state; `hsmd keys enable` (after `hsmd keys cancel-destroy` if its destruction is scheduled) lets it decrypt again", tenant))
+	case errors.Is(err, client.ErrKeyDestroyed):
+		return withHint(errors.New("the key version is destroyed"), "nothing it encrypted can be decrypted again")
+	default:
+		return withHint(errors.New("the key version is retired: it is below the tenant's minimum decryption version"),
+			fmt.Sprintf("`hsmd keys policy %s --min-decryption-version N` changes the minimum", tenant))
+	}
+}
+
 const tenantsUsage = `usage: hsmd tenants <subcommand> [flags]
 
 subcommands:
   create NAME   create a tenant with key version 1; prints it as list does
   list          print every tenant, one per line: name, id, current version
-  get NAME      print a tenant and its key versions`
+  get NAME      print a tenant and its key versions
+  shred NAME --confirm NAME
+                destroy every key version of the tenant: nothing it encrypted
+                can be decrypted again. There is no undo.`
 
 func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 	if len(args) == 0 {
@@ -269,7 +292,7 @@ func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 	sub, args := args[0], args[1:]
 	var nargs int
 	switch sub {
-	case "create", "get":
+	case "create", "get", "shred":
 		nargs = 1
 	case "list":
 	case "help", "-h", "--help":
@@ -282,13 +305,24 @@ func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 	if nargs == 1 {
 		synopsis += " NAME"
 	}
+	var confirm string
+	if sub == "shred" {
+		synopsis += " --confirm NAME"
+	}
 	fs, cf := newClientFlagSet(env, "tenants "+sub, synopsis+" [flags]")
+	if sub == "shred" {
+		fs.StringVar(&confirm, "confirm", "", "the tenant `name` again: shredding cannot be undone")
+	}
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != nargs {
 		return &usageError{msg: "usage: " + synopsis}
+	}
+	if sub == "shred" && confirm != pos[0] {
+		return withHint(&usageError{msg: "tenants shred: --confirm must repeat the tenant name"},
+			fmt.Sprintf("shredding cannot be undone: nothing %s encrypted can be decrypted again", pos[0]))
 	}
 	c, err := cf.dial(ctx)
 	if err != nil {
@@ -310,6 +344,12 @@ func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 			return clientRPCError("get tenant", err)
 		}
 		return printTenant(env.stdout, t)
+	case "shred":
+		if err := c.ShredTenant(ctx, pos[0]); err != nil {
+			return clientRPCError("shred tenant", err)
+		}
+		_, err := fmt.Fprintf(env.stdout, "hsmd: shredded tenant %s: its data can no longer be decrypted\n", pos[0])
+		return err
 	default:
 		ts, err := c.ListTenants(ctx)
 		if err != nil {

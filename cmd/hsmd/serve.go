@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -104,6 +105,9 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 		}
 	}
 	log = newLogger(env, c.Log.Level)
+	if fp := env.getenv("HSMD_FAILPOINT"); fp != "" && p.dev {
+		armFailpoint(fp, log)
+	}
 	d, err := openDaemon(ctx, c, &p, dev, log)
 	if err != nil {
 		return err
@@ -158,6 +162,19 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		return nil, err
 	}
 	return d, nil
+}
+
+// armFailpoint makes the process kill itself (SIGKILL, as a crash) when
+// key management reaches the named step (rotation.Failpoint). It is a test
+// seam for the crash tests, honoured with --dev only.
+func armFailpoint(name string, log *slog.Logger) {
+	log.Warn("failpoint armed: hsmd will crash at this step", slog.String("failpoint", name))
+	rotation.Failpoint = func(at string) {
+		if at == name {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
 }
 
 // keyManager applies key operations; after each it drops the cached data
