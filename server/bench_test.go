@@ -88,3 +88,33 @@ func benchLatency(b *testing.B, conn *grpc.ClientConn) {
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 }
+
+// BenchmarkRewrap moves batches of 1,000 items of 1 KiB from version 1 to
+// version 2 over the unix socket (the inputs stay under version 1, so
+// every iteration opens and seals all of them).
+func BenchmarkRewrap(b *testing.B) {
+	s := newStack(b, stackOpts{})
+	s.createTenant("bench")
+	items := make([]*hsmdv1.EncryptItem, 1000)
+	for i := range items {
+		items[i] = &hsmdv1.EncryptItem{Plaintext: make([]byte, 1024)}
+	}
+	resp, err := s.env.Encrypt(context.Background(), &hsmdv1.EncryptRequest{Tenant: "bench", Items: items})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.keys.RotateKey(context.Background(), &hsmdv1.RotateKeyRequest{Tenant: "bench"}); err != nil {
+		b.Fatal(err)
+	}
+	req := &hsmdv1.RewrapRequest{Tenant: "bench"}
+	for _, ct := range resp.Ciphertexts {
+		req.Items = append(req.Items, &hsmdv1.DecryptItem{Ciphertext: ct})
+	}
+	benchBatch(b, s, len(items), 1024, func() error {
+		r, err := s.env.Rewrap(context.Background(), req)
+		if err == nil && (r.KeyVersion != 2 || r.Results[0].Error != nil) {
+			err = fmt.Errorf("rewrap: version %d, %v", r.KeyVersion, r.Results[0].Error)
+		}
+		return err
+	})
+}

@@ -3,6 +3,7 @@ package server_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -173,6 +174,40 @@ func TestAutomaticRotation(t *testing.T) {
 	ct := encrypt(t, s, "acme", &hsmdv1.EncryptItem{Plaintext: []byte("x")})[0]
 	if versionOf(t, ct) != 2 {
 		t.Fatalf("after automatic rotation new encryptions use version %d", versionOf(t, ct))
+	}
+	if err := s.srv.RefreshKeyMetrics(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v := metricValue(t, s.reg, "hsmd_key_versions", map[string]string{"state": "enabled"}); v != 2 {
+		t.Errorf("hsmd_key_versions{state=enabled} = %v, want 2", v)
+	}
+	if v := metricValue(t, s.reg, "hsmd_key_next_rotation_seconds", nil); v < 23*3600 || v > 24*3600 {
+		t.Errorf("hsmd_key_next_rotation_seconds = %v, want about a day", v)
+	}
+}
+
+// TestRotationCostsNoHSMCall: rotating many tenants, by RPC and by the
+// scheduler, is metadata only.
+func TestRotationCostsNoHSMCall(t *testing.T) {
+	s := newStack(t, stackOpts{})
+	ctx := context.Background()
+	for i := range 50 {
+		s.createTenant(fmt.Sprintf("t%03d", i))
+	}
+	before := s.hsmCalls()
+	for i := range 25 {
+		s.rotate(fmt.Sprintf("t%03d", i))
+	}
+	s.clock.Add(100 * 24 * time.Hour) // every tenant's 90-day period is over
+	st, err := s.sched.RunOnce(ctx)
+	if err != nil || st.Rotated != 50 {
+		t.Fatalf("scheduler pass: %+v %v", st, err)
+	}
+	if calls := s.hsmCalls() - before; calls != 0 {
+		t.Fatalf("75 rotations cost %v HSM calls", calls)
+	}
+	if v := metricValue(t, s.reg, "hsmd_key_changes_total", map[string]string{"op": "rotate"}); v != 25 {
+		t.Errorf("hsmd_key_changes_total{op=rotate} = %v after 25 RPC rotations", v)
 	}
 }
 

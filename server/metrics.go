@@ -21,6 +21,7 @@ type Metrics struct {
 	ready       prometheus.Gauge
 	tpmUp       prometheus.Gauge
 	tpmInsecure prometheus.Gauge
+	keys        *keyMetrics
 	reg         prometheus.Registerer
 }
 
@@ -62,6 +63,7 @@ func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *M
 		reg: reg,
 	}
 	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready, m.tpmUp, m.tpmInsecure)
+	m.keys = newKeyMetrics(reg)
 	if engineStats != nil {
 		cache := func(name, help, op string, f func(envelope.Stats) uint64) prometheus.Collector {
 			return prometheus.NewCounterFunc(prometheus.CounterOpts{

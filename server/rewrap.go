@@ -43,10 +43,12 @@ func (e *envelopeService) Rewrap(ctx context.Context, req *hsmdv1.RewrapRequest)
 	var reseal []envelope.Item
 	var at []int // result index of each resealed item
 	mapped := map[error]*hsmdv1.ItemError{}
+	failed := 0
 	for i := range opened {
 		r := &hsmdv1.RewrapResult{}
 		out.Results[i] = r
 		if err := opened[i].Err; err != nil {
+			failed++
 			if r.Error = mapped[err]; r.Error == nil {
 				r.Error = itemError(ctx, s.log, err)
 				mapped[err] = r.Error
@@ -70,6 +72,7 @@ func (e *envelopeService) Rewrap(ctx context.Context, req *hsmdv1.RewrapRequest)
 		}
 	}
 	s.cfg.Metrics.items.WithLabelValues("Rewrap", "resealed").Add(float64(len(reseal)))
+	s.cfg.Metrics.items.WithLabelValues("Rewrap", "current").Add(float64(len(opened) - len(reseal) - failed))
 	return out, nil
 }
 

@@ -40,6 +40,7 @@ type stack struct {
 	tenants hsmdv1.TenantsClient
 	keys    hsmdv1.KeysClient
 	sched   *rotation.Scheduler
+	srv     *server.Server
 	clock   *fakeClock
 	stop    func()
 }
@@ -118,11 +119,13 @@ func (s *stack) start(o stackOpts) {
 	if eng, err = envelope.New(envelope.Config{Deriver: m.InstrumentDeriver(h)}); err != nil {
 		t.Fatal(err)
 	}
+	var srv *server.Server
 	if s.clock == nil {
 		s.clock = &fakeClock{now: time.Now()}
 	}
 	keys := &rotation.Manager{Store: st, Now: s.clock.Now, KDKVersion: h.NewestKDK, MinDestroyWait: time.Hour,
 		OnChange: func(_ context.Context, c rotation.Change) error {
+			srv.KeyChanged(c)
 			for _, v := range c.Versions {
 				eng.Forget(c.TenantID, v)
 			}
@@ -133,7 +136,7 @@ func (s *stack) start(o stackOpts) {
 	if o.log != nil {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys})
+	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +165,7 @@ func (s *stack) start(o stackOpts) {
 		return c
 	}
 	conn, tconn := dial("unix://"+sock), dial(tl.Addr().String())
-	s.hsm, s.reg, s.conn, s.tcp = h, reg, conn, tconn
+	s.hsm, s.reg, s.conn, s.tcp, s.srv = h, reg, conn, tconn, srv
 	s.env, s.tenants, s.keys = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn), hsmdv1.NewKeysClient(conn)
 	stopped := false
 	s.stop = func() {

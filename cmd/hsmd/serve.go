@@ -196,6 +196,7 @@ func (d *daemon) keyManager(eng *envelope.Engine, dev bool) *rotation.Manager {
 // data directory (which would resurrect a destroyed version or a shredded
 // tenant) is refused.
 func (d *daemon) changed(ctx context.Context, eng *envelope.Engine, cs ...rotation.Change) error {
+	d.srv.KeyChanged(cs...)
 	for _, c := range cs {
 		for _, v := range c.Versions {
 			eng.Forget(c.TenantID, v)
@@ -221,6 +222,7 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	defer cancel()
 	go d.srv.WatchReady(ctx, 5*time.Second)
 	go d.sched.Run(ctx)
+	go d.srv.WatchKeys(ctx, time.Minute)
 	errc := make(chan error, len(ls)+1)
 	var metricsSrv *http.Server
 	for _, l := range ls {
