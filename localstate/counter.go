@@ -97,11 +97,11 @@ type Counter struct {
 	cur uint64
 }
 
-// Default rate of advances: a burst of 10, then one every 6 seconds (at
+// Default rate of advances: a burst of 100, then one every 6 seconds (at
 // most 600 an hour, about 5 million a year if sustained; hsmd's events are
 // far rarer: see docs/SECURITY.md on NV wear).
 const (
-	DefaultAdvanceBurst = 10
+	DefaultAdvanceBurst = 100
 	DefaultAdvanceEvery = 6
 )
 
