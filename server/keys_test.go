@@ -75,8 +75,8 @@ func TestDecryptUnderEveryState(t *testing.T) {
 		t.Fatal(err)
 	}
 	k := mustKey(t)(s.keys.GetKey(ctx, &hsmdv1.GetKeyRequest{Tenant: "acme"}))
-	if k.Versions[0].State != "destroyed" {
-		t.Fatalf("version 1 is %s after its destruction time", k.Versions[0].State)
+	if k.Versions[0].State != "destroyed" || k.Versions[0].DestroyTime == 0 {
+		t.Fatalf("version 1 is %s (destroy time %d) after its destruction time", k.Versions[0].State, k.Versions[0].DestroyTime)
 	}
 	open(server.ReasonKeyDestroyed)
 	// A destroyed version cannot come back.

@@ -109,9 +109,13 @@ func tenantProto(t *store.Tenant) *hsmdv1.Tenant {
 		Name: t.Name, Id: strconv.FormatUint(t.ID, 16), CurrentVersion: t.Current, CreateTime: t.CreateTime.Unix(),
 	}
 	for _, v := range t.Versions {
-		p.Versions = append(p.Versions, &hsmdv1.KeyVersion{
+		kv := &hsmdv1.KeyVersion{
 			Version: v.Version, KdkVersion: v.KDKVersion, State: string(v.State), CreateTime: v.CreateTime.Unix(),
-		})
+		}
+		if !v.DestroyTime.IsZero() {
+			kv.DestroyTime = v.DestroyTime.Unix()
+		}
+		p.Versions = append(p.Versions, kv)
 	}
 	return p
 }
