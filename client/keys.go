@@ -51,6 +51,9 @@ type Policy struct {
 	// MinDecryptionVersion: versions below it refuse to decrypt (their
 	// items fail with [ErrKeyRetired]). 0 or 1: none do.
 	MinDecryptionVersion uint32
+	// MaxDEKsPerVersion: the current version rotates early once it has
+	// derived this many data keys to encrypt (0: no limit).
+	MaxDEKsPerVersion uint64
 }
 
 // RotateKey makes a new key version current; older versions keep
@@ -77,7 +80,7 @@ func (c *Client) SetKeyPolicy(ctx context.Context, tenant string, p Policy) (Key
 	}
 	return keyResult(c.keys.SetKeyPolicy(ctx, &hsmdv1.SetKeyPolicyRequest{
 		Tenant: tenant,
-		Policy: &hsmdv1.KeyPolicy{RotationPeriodSeconds: secs, MinDecryptionVersion: p.MinDecryptionVersion},
+		Policy: &hsmdv1.KeyPolicy{RotationPeriodSeconds: secs, MinDecryptionVersion: p.MinDecryptionVersion, MaxDeksPerVersion: p.MaxDEKsPerVersion},
 	}))
 }
 
@@ -144,6 +147,7 @@ func keyFromProto(k *hsmdv1.Key) (Key, error) {
 		Policy: Policy{
 			RotationPeriod:       time.Duration(secs) * time.Second,
 			MinDecryptionVersion: k.GetPolicy().GetMinDecryptionVersion(),
+			MaxDEKsPerVersion:    k.GetPolicy().GetMaxDeksPerVersion(),
 		},
 		NextRotation: unixTime(k.GetNextRotationTime()),
 	}

@@ -114,6 +114,9 @@ func (e *Engine) sealingKey(ctx context.Context, ref *KeyRef, n, b uint64) (*dek
 		return nil, seed, err
 	}
 	e.stats.sealMisses.Add(1)
+	if e.cfg.OnSealKey != nil {
+		e.cfg.OnSealKey(*ref)
+	}
 	ent.seed, ent.key, ent.items, ent.bytes = seed, key, n, b
 	e.openKeys.Add(openKey{*ref, seed}, key)
 	return key, seed, nil

@@ -77,6 +77,9 @@ type Config struct {
 	// batch to open may span, and so the Deriver calls one Open can cost.
 	// Default DefaultMaxGroups.
 	MaxGroups int
+	// OnSealKey, if set, is called (synchronously: keep it short) each
+	// time a new data key is derived to seal under ref, for usage limits.
+	OnSealKey func(ref KeyRef)
 	// Rand, if set, draws seeds and nonces (a test seam). By default seeds
 	// come from crypto/rand, and so do nonces for small batches; a large
 	// batch draws its nonces from ChaCha8 streams keyed from crypto/rand

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
@@ -45,6 +46,7 @@ func (k *keysService) SetKeyPolicy(ctx context.Context, req *hsmdv1.SetKeyPolicy
 	p := store.Policy{
 		RotationPeriod:       time.Duration(req.GetPolicy().GetRotationPeriodSeconds()) * time.Second,
 		MinDecryptionVersion: req.GetPolicy().GetMinDecryptionVersion(),
+		MaxDEKsPerVersion:    req.GetPolicy().GetMaxDeksPerVersion(),
 	}
 	return k.apply(ctx, req.Tenant, func(m *rotation.Manager) (*store.Tenant, error) { return m.SetPolicy(ctx, req.Tenant, p) })
 }
@@ -111,12 +113,29 @@ func keyProto(t *store.Tenant) *hsmdv1.Key {
 		Policy: &hsmdv1.KeyPolicy{
 			RotationPeriodSeconds: int64(t.Policy.RotationPeriod / time.Second),
 			MinDecryptionVersion:  t.Policy.MinDecryptionVersion,
+			MaxDeksPerVersion:     t.Policy.MaxDEKsPerVersion,
 		},
 	}
 	if next, ok := rotation.NextRotation(t); ok {
 		k.NextRotationTime = next.Unix()
 	}
 	return k
+}
+
+// RecordDEK counts a data key derived to seal under ref, in the background
+// (it writes the store), rotating the tenant early when its policy's
+// max_deks_per_version is reached. Wire it to envelope.Config.OnSealKey.
+func (s *Server) RecordDEK(ref envelope.KeyRef) {
+	if s.cfg.Keys == nil {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := s.cfg.Keys.RecordDEK(ctx, ref.Tenant, ref.Version); err != nil {
+			s.log.Warn("counting a data key for the usage limit", "tenant", ref.Tenant, "error", err)
+		}
+	}()
 }
 
 // ShredTenant destroys a tenant's key material.

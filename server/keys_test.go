@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/envelope/wire"
 	"github.com/hsmd/hsmd/server"
 )
@@ -271,4 +272,32 @@ func TestShred(t *testing.T) {
 	// A new tenant of the same name does not open the old data.
 	s.createTenant("acme")
 	wantReason(t, "same name, new tenant", decrypt(t, s, "acme", &hsmdv1.DecryptItem{Ciphertext: ct})[0], server.ReasonDecryptFailed)
+}
+
+// TestUsageLimitRotatesEarly: once the current version has derived
+// max_deks_per_version data keys, the tenant rotates.
+func TestUsageLimitRotatesEarly(t *testing.T) {
+	s := newStack(t, stackOpts{envelope: envelope.Limits{MaxItems: 10}}) // a new data key every 10 items
+	s.createTenant("acme")
+	ctx := context.Background()
+	mustKey(t)(s.keys.SetKeyPolicy(ctx, &hsmdv1.SetKeyPolicyRequest{Tenant: "acme", Policy: &hsmdv1.KeyPolicy{RotationPeriodSeconds: 86400, MaxDeksPerVersion: 3}}))
+	items := make([]*hsmdv1.EncryptItem, 10)
+	for i := range items {
+		items[i] = &hsmdv1.EncryptItem{Plaintext: []byte("x")}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		encrypt(t, s, "acme", items...) // each batch fills one data key
+		k := mustKey(t)(s.keys.GetKey(ctx, &hsmdv1.GetKeyRequest{Tenant: "acme"}))
+		if k.CurrentVersion == 2 {
+			if k.Versions[0].Deks < 3 {
+				t.Fatalf("rotated after %d data keys, the limit is 3", k.Versions[0].Deks)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no rotation; version 1 derived %d data keys", k.Versions[0].Deks)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -68,6 +68,8 @@ type stackOpts struct {
 	hsmCfg func(*hsm.Config)
 	limits server.Limits
 	log    io.Writer // debug-level log output, if set
+	// envelope limits the data keys (to force new seeds in tests).
+	envelope envelope.Limits
 }
 
 // newStack makes a token with root keys and starts a stack on it.
@@ -116,10 +118,11 @@ func (s *stack) start(o stackOpts) {
 	reg := prometheus.NewRegistry()
 	var eng *envelope.Engine
 	m := server.NewMetrics(reg, func() envelope.Stats { return eng.Stats() })
-	if eng, err = envelope.New(envelope.Config{Deriver: m.InstrumentDeriver(h)}); err != nil {
+	var srv *server.Server
+	ec := envelope.Config{Deriver: m.InstrumentDeriver(h), Limits: o.envelope, OnSealKey: func(ref envelope.KeyRef) { srv.RecordDEK(ref) }}
+	if eng, err = envelope.New(ec); err != nil {
 		t.Fatal(err)
 	}
-	var srv *server.Server
 	if s.clock == nil {
 		s.clock = &fakeClock{now: time.Now()}
 	}

@@ -111,6 +111,7 @@ func tenantProto(t *store.Tenant) *hsmdv1.Tenant {
 	for _, v := range t.Versions {
 		kv := &hsmdv1.KeyVersion{
 			Version: v.Version, KdkVersion: v.KDKVersion, State: string(v.State), CreateTime: v.CreateTime.Unix(),
+			Deks: v.DEKs,
 		}
 		if !v.DestroyTime.IsZero() {
 			kv.DestroyTime = v.DestroyTime.Unix()

@@ -64,6 +64,9 @@ type KeyVersion struct {
 	CreateTime time.Time `json:"create_time"`
 	// DestroyTime: when a scheduled destruction happens, or happened.
 	DestroyTime time.Time `json:"destroy_time,omitzero"`
+	// DEKs counts the data keys derived to encrypt under this version
+	// (one per seed), for Policy.MaxDEKsPerVersion.
+	DEKs uint64 `json:"deks,omitempty"`
 }
 
 // Policy is a tenant's key policy.
@@ -74,6 +77,9 @@ type Policy struct {
 	// MinDecryptionVersion: versions below it refuse to decrypt (0 or 1:
 	// all versions).
 	MinDecryptionVersion uint32 `json:"min_decryption_version,omitempty"`
+	// MaxDEKsPerVersion: once the current version has derived this many
+	// data keys for encryption, it is rotated early (0: no limit).
+	MaxDEKsPerVersion uint64 `json:"max_deks_per_version,omitempty"`
 }
 
 // Tenant is a tenant's metadata. Deleting it (crypto-shredding) erases

@@ -26,7 +26,7 @@ const keysUsage = `usage: hsmd keys <subcommand> TENANT [VERSION] [flags]
 subcommands:
   show T                 print the key: current version, policy, next rotation, versions
   rotate T               make a new key version current; older versions keep decrypting
-  policy T [--rotation-period 720h] [--min-decryption-version N]
+  policy T [--rotation-period 720h] [--min-decryption-version N] [--max-deks-per-version N]
                          change the policy: only the flags given change
   disable T V            make version V refuse to decrypt
   enable T V             let a disabled version V decrypt again
@@ -47,7 +47,7 @@ type keysOp struct {
 var keysOps = map[string]keysOp{
 	"show":           {what: "get key"},
 	"rotate":         {what: "rotate key"},
-	"policy":         {flags: " [--rotation-period D] [--min-decryption-version N]", what: "set key policy"},
+	"policy":         {flags: " [--rotation-period D] [--min-decryption-version N] [--max-deks-per-version N]", what: "set key policy"},
 	"disable":        {version: true, what: "disable key version"},
 	"enable":         {version: true, what: "enable key version"},
 	"destroy":        {version: true, flags: " [--wait D]", what: "schedule key version destruction"},
@@ -63,6 +63,7 @@ type keysCmd struct {
 	given      map[string]bool
 	period     time.Duration
 	minVersion uint64
+	maxDEKs    uint64
 	// destroy
 	wait time.Duration
 }
@@ -111,6 +112,7 @@ func parseKeysArgs(env *cliEnv, sub string, op keysOp, args []string) (*keysCmd,
 	case "policy":
 		fs.DurationVar(&k.period, "rotation-period", 0, "rotate automatically this often (at least 1h; 0: never)")
 		fs.Uint64Var(&k.minVersion, "min-decryption-version", 0, "versions below `N` refuse to decrypt (0 or 1: none)")
+		fs.Uint64Var(&k.maxDEKs, "max-deks-per-version", 0, "rotate early once the current version derived `N` data keys (0: no limit)")
 	case "destroy":
 		fs.DurationVar(&k.wait, "wait", 0, "destroy after this waiting period (0: the server's default, 168h)")
 	}
@@ -138,8 +140,8 @@ func parseKeysArgs(env *cliEnv, sub string, op keysOp, args []string) (*keysCmd,
 func (k *keysCmd) check() error {
 	switch k.sub {
 	case "policy":
-		if !k.given["rotation-period"] && !k.given["min-decryption-version"] {
-			return &usageError{msg: "keys policy: give --rotation-period, --min-decryption-version or both"}
+		if !k.given["rotation-period"] && !k.given["min-decryption-version"] && !k.given["max-deks-per-version"] {
+			return &usageError{msg: "keys policy: give --rotation-period, --min-decryption-version or --max-deks-per-version"}
 		}
 		if err := checkSeconds("--rotation-period", k.period); err != nil {
 			return err
@@ -213,6 +215,9 @@ func (k *keysCmd) setPolicy(ctx context.Context, c *client.Client) (client.Key, 
 	if k.given["min-decryption-version"] {
 		p.MinDecryptionVersion = uint32(k.minVersion)
 	}
+	if k.given["max-deks-per-version"] {
+		p.MaxDEKsPerVersion = k.maxDEKs
+	}
 	return c.SetKeyPolicy(ctx, k.tenant, p)
 }
 
@@ -224,6 +229,7 @@ func printKey(w io.Writer, k client.Key) error {
 	fmt.Fprintf(tw, "current version:\t%d\n", k.CurrentVersion)
 	fmt.Fprintf(tw, "rotation period:\t%s\n", formatPeriod(k.Policy.RotationPeriod))
 	fmt.Fprintf(tw, "min decryption version:\t%d\n", k.Policy.MinDecryptionVersion)
+	fmt.Fprintf(tw, "max DEKs per version:\t%d\n", k.Policy.MaxDEKsPerVersion)
 	fmt.Fprintf(tw, "next rotation:\t%s\n", formatTenantTime(k.NextRotation))
 	if err := tw.Flush(); err != nil {
 		return err

@@ -173,6 +173,7 @@ func TestKeysShow(t *testing.T) {
 current version:         1
 rotation period:         never
 min decryption version:  0
+max DEKs per version:    0
 next rotation:           -
 versions:
   1  kdk 1  enabled  2023-11-14T22:13:20Z  -

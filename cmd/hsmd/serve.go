@@ -133,7 +133,9 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	d := &daemon{parts: pt, reg: prometheus.NewRegistry()}
 	var eng *envelope.Engine
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
-	if eng, err = envelope.New(c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))); err != nil {
+	ec := c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))
+	ec.OnSealKey = func(ref envelope.KeyRef) { d.srv.RecordDEK(ref) } // usage limits
+	if eng, err = envelope.New(ec); err != nil {
 		d.close()
 		return nil, err
 	}

@@ -795,8 +795,11 @@ type KeyPolicy struct {
 	RotationPeriodSeconds int64 `protobuf:"varint,1,opt,name=rotation_period_seconds,json=rotationPeriodSeconds,proto3" json:"rotation_period_seconds,omitempty"`
 	// Versions below it refuse to decrypt; 0 or 1: none.
 	MinDecryptionVersion uint32 `protobuf:"varint,2,opt,name=min_decryption_version,json=minDecryptionVersion,proto3" json:"min_decryption_version,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The current version is rotated early once it has derived this many
+	// data keys for encryption (one per seed); 0: no limit.
+	MaxDeksPerVersion uint64 `protobuf:"varint,3,opt,name=max_deks_per_version,json=maxDeksPerVersion,proto3" json:"max_deks_per_version,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *KeyPolicy) Reset() {
@@ -839,6 +842,13 @@ func (x *KeyPolicy) GetRotationPeriodSeconds() int64 {
 func (x *KeyPolicy) GetMinDecryptionVersion() uint32 {
 	if x != nil {
 		return x.MinDecryptionVersion
+	}
+	return 0
+}
+
+func (x *KeyPolicy) GetMaxDeksPerVersion() uint64 {
+	if x != nil {
+		return x.MaxDeksPerVersion
 	}
 	return 0
 }
@@ -1380,7 +1390,9 @@ type KeyVersion struct {
 	State      string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
 	CreateTime int64  `protobuf:"varint,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// Unix seconds: when a scheduled destruction happens, or happened.
-	DestroyTime   int64 `protobuf:"varint,5,opt,name=destroy_time,json=destroyTime,proto3" json:"destroy_time,omitempty"`
+	DestroyTime int64 `protobuf:"varint,5,opt,name=destroy_time,json=destroyTime,proto3" json:"destroy_time,omitempty"`
+	// Data keys derived to encrypt under this version.
+	Deks          uint64 `protobuf:"varint,6,opt,name=deks,proto3" json:"deks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1450,6 +1462,13 @@ func (x *KeyVersion) GetDestroyTime() int64 {
 	return 0
 }
 
+func (x *KeyVersion) GetDeks() uint64 {
+	if x != nil {
+		return x.Deks
+	}
+	return 0
+}
+
 var File_api_hsmd_v1_hsmd_proto protoreflect.FileDescriptor
 
 const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
@@ -1509,10 +1528,11 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x0fcurrent_version\x18\x02 \x01(\rR\x0ecurrentVersion\x12/\n" +
 	"\bversions\x18\x03 \x03(\v2\x13.hsmd.v1.KeyVersionR\bversions\x12*\n" +
 	"\x06policy\x18\x04 \x01(\v2\x12.hsmd.v1.KeyPolicyR\x06policy\x12,\n" +
-	"\x12next_rotation_time\x18\x05 \x01(\x03R\x10nextRotationTime\"y\n" +
+	"\x12next_rotation_time\x18\x05 \x01(\x03R\x10nextRotationTime\"\xaa\x01\n" +
 	"\tKeyPolicy\x126\n" +
 	"\x17rotation_period_seconds\x18\x01 \x01(\x03R\x15rotationPeriodSeconds\x124\n" +
-	"\x16min_decryption_version\x18\x02 \x01(\rR\x14minDecryptionVersion\"*\n" +
+	"\x16min_decryption_version\x18\x02 \x01(\rR\x14minDecryptionVersion\x12/\n" +
+	"\x14max_deks_per_version\x18\x03 \x01(\x04R\x11maxDeksPerVersion\"*\n" +
 	"\x10RotateKeyRequest\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\"'\n" +
 	"\rGetKeyRequest\x12\x16\n" +
@@ -1544,7 +1564,7 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x0fcurrent_version\x18\x03 \x01(\rR\x0ecurrentVersion\x12/\n" +
 	"\bversions\x18\x04 \x03(\v2\x13.hsmd.v1.KeyVersionR\bversions\x12\x1f\n" +
 	"\vcreate_time\x18\x05 \x01(\x03R\n" +
-	"createTime\"\xa1\x01\n" +
+	"createTime\"\xb5\x01\n" +
 	"\n" +
 	"KeyVersion\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1f\n" +
@@ -1553,7 +1573,8 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x05state\x18\x03 \x01(\tR\x05state\x12\x1f\n" +
 	"\vcreate_time\x18\x04 \x01(\x03R\n" +
 	"createTime\x12!\n" +
-	"\fdestroy_time\x18\x05 \x01(\x03R\vdestroyTime2\xc1\x01\n" +
+	"\fdestroy_time\x18\x05 \x01(\x03R\vdestroyTime\x12\x12\n" +
+	"\x04deks\x18\x06 \x01(\x04R\x04deks2\xc1\x01\n" +
 	"\bEnvelope\x12<\n" +
 	"\aEncrypt\x12\x17.hsmd.v1.EncryptRequest\x1a\x18.hsmd.v1.EncryptResponse\x12<\n" +
 	"\aDecrypt\x12\x17.hsmd.v1.DecryptRequest\x1a\x18.hsmd.v1.DecryptResponse\x129\n" +
