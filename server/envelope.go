@@ -57,11 +57,7 @@ func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptReques
 			return nil, err
 		}
 	}
-	items := make([]envelope.Ciphertext, len(req.Items))
-	for i, it := range req.Items {
-		items[i] = envelope.Ciphertext{Data: it.Ciphertext, Context: it.Context}
-	}
-	opened, err := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), items)
+	opened, err := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), ciphertexts(req.Items))
 	if err != nil {
 		return nil, err
 	}
@@ -69,14 +65,11 @@ func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptReques
 	out := &hsmdv1.DecryptResponse{Results: make([]*hsmdv1.DecryptResult, len(opened))}
 	m := s.cfg.Metrics
 	okN, outBytes := 0, 0
-	mapped := map[error]*hsmdv1.ItemError{} // items of one group share their error: map and log it once
+	errs := s.itemErrors(ctx)
 	for i := range opened {
 		r := &results[i]
 		if err := opened[i].Err; err != nil {
-			if r.Error = mapped[err]; r.Error == nil {
-				r.Error = itemError(ctx, s.log, err)
-				mapped[err] = r.Error
-			}
+			r.Error = errs.get(err)
 			m.items.WithLabelValues("Decrypt", r.Error.Reason).Inc()
 		} else {
 			r.Plaintext = opened[i].Plaintext
@@ -88,6 +81,35 @@ func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptReques
 	m.items.WithLabelValues("Decrypt", "ok").Add(float64(okN))
 	m.bytes.WithLabelValues("Decrypt", "out").Add(float64(outBytes))
 	return out, nil
+}
+
+func ciphertexts(in []*hsmdv1.DecryptItem) []envelope.Ciphertext {
+	items := make([]envelope.Ciphertext, len(in))
+	for i, it := range in {
+		items[i] = envelope.Ciphertext{Data: it.Ciphertext, Context: it.Context}
+	}
+	return items
+}
+
+// itemErrorMap maps each distinct item error once: the items of one group
+// share their error, which is then logged once, not per item.
+type itemErrorMap struct {
+	ctx context.Context
+	s   *Server
+	m   map[error]*hsmdv1.ItemError
+}
+
+func (s *Server) itemErrors(ctx context.Context) *itemErrorMap {
+	return &itemErrorMap{ctx: ctx, s: s, m: map[error]*hsmdv1.ItemError{}}
+}
+
+func (e *itemErrorMap) get(err error) *hsmdv1.ItemError {
+	ie, ok := e.m[err]
+	if !ok {
+		ie = itemError(e.ctx, e.s.log, err)
+		e.m[err] = ie
+	}
+	return ie
 }
 
 // tenant reads a tenant named by a request.

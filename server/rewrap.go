@@ -26,10 +26,7 @@ func (e *envelopeService) Rewrap(ctx context.Context, req *hsmdv1.RewrapRequest)
 	if !ok {
 		return nil, fmt.Errorf("%w: tenant %q has no enabled current key version", errPrecondition, t.Name)
 	}
-	items := make([]envelope.Ciphertext, len(req.Items))
-	for i, it := range req.Items {
-		items[i] = envelope.Ciphertext{Data: it.Ciphertext, Context: it.Context}
-	}
+	items := ciphertexts(req.Items)
 	opened, err := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), items)
 	if err != nil {
 		return nil, err
@@ -42,17 +39,14 @@ func (e *envelopeService) Rewrap(ctx context.Context, req *hsmdv1.RewrapRequest)
 	out := &hsmdv1.RewrapResponse{Results: make([]*hsmdv1.RewrapResult, len(opened)), KeyVersion: cur.Version}
 	var reseal []envelope.Item
 	var at []int // result index of each resealed item
-	mapped := map[error]*hsmdv1.ItemError{}
+	errs := s.itemErrors(ctx)
 	failed := 0
 	for i := range opened {
 		r := &hsmdv1.RewrapResult{}
 		out.Results[i] = r
 		if err := opened[i].Err; err != nil {
 			failed++
-			if r.Error = mapped[err]; r.Error == nil {
-				r.Error = itemError(ctx, s.log, err)
-				mapped[err] = r.Error
-			}
+			r.Error = errs.get(err)
 			continue
 		}
 		if bin, ok := underVersion(items[i].Data, cur.Version); ok {
