@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"golang.org/x/time/rate"
 
@@ -117,10 +118,21 @@ func (c *Counter) Value() uint64 {
 	return c.cur
 }
 
-// Advance moves the counter one step, waiting (within ctx) for the rate
-// bound, and returns the new value. On error the store may be one ahead of
+// AdvanceTimeout bounds one Advance, whatever its caller's context: an
+// advance that a caller's cancellation cut between the TPM increment and
+// its reply would leave the TPM ahead of the store.
+const AdvanceTimeout = 2 * time.Minute
+
+// Advance moves the counter one step, waiting for the rate bound, and
+// returns the new value. It runs detached from ctx's cancellation (bounded
+// by AdvanceTimeout). If the TPM's counter ends up ahead of what Advance
+// expected (an increment whose reply was lost, or another program moving
+// it), the store is bound to the TPM's value, so the store never stays
+// behind the TPM while hsmd runs. On error the store may be one ahead of
 // the TPM, which the next Check completes.
 func (c *Counter) Advance(ctx context.Context) (uint64, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), AdvanceTimeout)
+	defer cancel()
 	if err := c.lim.Wait(ctx); err != nil {
 		return 0, err
 	}
@@ -131,12 +143,33 @@ func (c *Counter) Advance(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("localstate: bind the store to counter %d: %w", next, err)
 	}
 	m, err := c.t.IncrementCounter(ctx)
-	if err != nil {
-		return 0, fmt.Errorf("localstate: increment the rollback counter: %w", err)
-	}
-	if m != next {
-		return 0, fmt.Errorf("localstate: the TPM's rollback counter went to %d, expected %d: another program moves it", m, next)
+	if err != nil || m != next {
+		return c.catchUp(ctx, next, err)
 	}
 	c.cur = next
 	return next, nil
+}
+
+// catchUp reads the TPM's counter after an increment that failed or
+// returned another value than next, and binds the store to it if it is
+// ahead.
+func (c *Counter) catchUp(ctx context.Context, next uint64, incErr error) (uint64, error) {
+	m, err := c.t.ReadCounter(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("localstate: increment the rollback counter: %w (and reading it back: %w)", incErr, err)
+	}
+	switch {
+	case m == next:
+		c.cur = next
+		return next, nil
+	case m > next:
+		if err := c.st.SetCounter(ctx, m); err != nil {
+			return 0, fmt.Errorf("localstate: bind the store to the TPM's counter %d: %w", m, err)
+		}
+		c.cur = m
+		return m, nil
+	}
+	// The TPM is at next-1: the increment did not happen; the store is one
+	// ahead, which the next Advance or Check completes.
+	return 0, fmt.Errorf("localstate: increment the rollback counter: %w", incErr)
 }

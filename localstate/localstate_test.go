@@ -214,3 +214,31 @@ func TestSecretsPrintNothing(t *testing.T) {
 		t.Fatal(got)
 	}
 }
+
+// lostReply increments the TPM's counter but reports a failure, as a reply
+// lost on the wire (or a caller's cancellation after the command) would.
+type lostReply struct{ *tpm.TPM }
+
+func (l lostReply) IncrementCounter(ctx context.Context) (uint64, error) {
+	l.TPM.IncrementCounter(ctx)
+	return 0, errors.New("reply lost")
+}
+
+// TestAdvanceCatchesUpWithALostIncrement: the store is bound to the TPM's
+// value, so the next start does not see a rollback.
+func TestAdvanceCatchesUpWithALostIncrement(t *testing.T) {
+	providers(t, func(t *testing.T, cfg tpm.Config, _ *tpmtest.Swtpm) {
+		ctx := context.Background()
+		tp := openTPM(t, cfg)
+		dir, sec, n := initDir(t, tp)
+		st := openStore(t, dir, sec)
+		c := localstate.NewCounter(lostReply{tp}, st, n)
+		got, err := c.Advance(ctx)
+		if err != nil || got != n+1 {
+			t.Fatalf("advance with a lost reply: %d, %v", got, err)
+		}
+		if got, err := localstate.Check(ctx, tp, st); err != nil || got != n+1 {
+			t.Fatalf("check after the lost reply: %d, %v", got, err)
+		}
+	})
+}

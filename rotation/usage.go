@@ -11,7 +11,7 @@ import (
 )
 
 // OpUsage is the Change.Op of a rotation that a usage limit triggered.
-const OpUsage = "rotate-usage"
+const OpUsage = "rotate_usage"
 
 // RecordDEK counts one data key derived to encrypt under version v of the
 // tenant (the envelope engine draws one per seed) and, if the tenant's

@@ -32,7 +32,7 @@ func newKeyMetrics(reg prometheus.Registerer) *keyMetrics {
 			Name: "hsmd_key_next_rotation_seconds", Help: "Time until the earliest automatic rotation (negative: overdue).",
 		}),
 		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "hsmd_key_changes_total", Help: "Committed key changes, by operation (rotate, disable, enable, schedule-destroy, cancel-destroy, destroy, policy, shred).",
+			Name: "hsmd_key_changes_total", Help: "Committed key changes, by operation (rotation.Op*: rotate, rotate_usage, disable, enable, schedule_destroy, cancel_destroy, destroy, set_policy, shred).",
 		}, []string{"op"}),
 		refreshErr: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "hsmd_key_metrics_refresh_errors_total", Help: "Failed refreshes of the key gauges.",

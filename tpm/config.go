@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -129,8 +130,14 @@ func parseAddress(a string) (network, addr string, err error) {
 	if strings.Contains(a, "://") {
 		return "", "", fmt.Errorf("tpm.address must be unix:///abs/path or host:port, got %q", a)
 	}
-	if _, _, err := net.SplitHostPort(a); err != nil {
+	host, _, err := net.SplitHostPort(a)
+	if err != nil {
 		return "", "", fmt.Errorf("tpm.address must be unix:///abs/path or host:port, got %q", a)
+	}
+	// Seal and Unseal carry the secrets without parameter encryption: a
+	// TCP hop beyond this machine would expose them.
+	if ip, err := netip.ParseAddr(host); host != "localhost" && (err != nil || !ip.IsLoopback()) {
+		return "", "", fmt.Errorf("tpm.address %q: swtpm over TCP is allowed on loopback only (the sealed secrets cross it in the clear); use a unix socket", a)
 	}
 	return "tcp", a, nil
 }

@@ -85,6 +85,9 @@ func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devS
 // counter value.
 func (p *parts) unseal(ctx context.Context, dev devSetup) (fresh bool, n uint64, err error) {
 	if p.insecure {
+		if exists(filepath.Join(p.cfg.DataDir, localstate.SealedFile)) {
+			return false, 0, errors.New("this data directory is sealed to a TPM: --insecure-no-tpm would write records its seal does not cover")
+		}
 		return false, 0, nil
 	}
 	c := p.cfg
@@ -116,7 +119,7 @@ func unsealHint(err error) error {
 	case errors.Is(err, localstate.ErrNotInitialized):
 		return withHint(err, "run `hsmd init --config FILE` on this machine first")
 	case errors.Is(err, tpm.ErrPCRMismatch):
-		return withHint(err, "the machine's measured boot state changed since hsmd init (firmware, boot loader, Secure Boot keys); if the change is intended, re-run hsmd init with the PIN")
+		return withHint(err, "the machine's measured boot state changed since hsmd init (firmware, boot loader, Secure Boot keys); boot the previous state, or set up a new data directory and token (a reseal command for an intended change is not built yet)")
 	case errors.Is(err, tpm.ErrWrongTPM):
 		return withHint(err, "the sealed secrets belong to another TPM: this data directory was copied from another machine; run hsmd init here (a restore ceremony brings the keys)")
 	case errors.Is(err, tpm.ErrCorrupt):

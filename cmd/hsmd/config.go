@@ -107,6 +107,9 @@ func (c *Config) validate(insecure bool) error {
 		if err := c.TPM.Validate(); err != nil {
 			return err
 		}
+		if c.TPM.Provider == tpm.ProviderSimulator && c.TPM.SimulatorSeed == 0 {
+			return errors.New("tpm.provider simulator is for the dev profile only (--dev): its keys are reproducible by anyone, so it protects nothing")
+		}
 	}
 	if err := c.Limits.Validate(); err != nil {
 		return err
