@@ -20,6 +20,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"os"
 	"path/filepath"
 
@@ -69,6 +70,9 @@ func (s *Secrets) MAC(msg []byte) [32]byte {
 	m.Sum(out[:0])
 	return out
 }
+
+// NewMAC returns a new HMAC-SHA256 under the state key (store.Sealer).
+func (s *Secrets) NewMAC() hash.Hash { return hmac.New(sha256.New, s.stateKey[:]) }
 
 // PIN returns a fresh copy of the HSM user PIN, for hsm.Config.PINSource.
 func (s *Secrets) PIN() ([]byte, error) { return append([]byte(nil), s.pin...), nil }

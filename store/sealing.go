@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 )
 
 // Sealing: a store opened with a Sealer authenticates its records with the
@@ -15,11 +16,13 @@ import (
 // rollback counter, so that a restored older copy is refused.
 //
 // Every record gets a MAC over its stored bytes; the store keeps a State
-// whose Digest is the XOR of all record MACs (a set MAC: adding, removing or
-// replacing a record changes it, and only the key holder can recompute it)
-// and whose Counter is the rollback counter value it was last bound to. The
-// State itself is MAC'd. Writes update record MAC, digest and State in the
-// same transaction as the record.
+// whose Digest is a MAC over every (name, record MAC) pair in name order,
+// recomputed in each write transaction (adding, removing or replacing any
+// record changes it, and only the key holder can compute it; a linear
+// combination such as an XOR of record MACs would let records from older
+// copies be mixed in), and whose Counter is the rollback counter value it
+// was last bound to. The State itself is MAC'd. Writes update the record
+// MAC, the digest and the State in the same transaction as the record.
 
 var (
 	// ErrTampered: the store does not match its MACs. The error names what
@@ -34,12 +37,15 @@ var (
 // safe for concurrent use.
 type Sealer interface {
 	MAC(msg []byte) [32]byte
+	// NewMAC returns a new HMAC-SHA256 under the key, for digests over
+	// many records.
+	NewMAC() hash.Hash
 }
 
 // State is the sealed summary of a store.
 type State struct {
 	Counter uint64   // the rollback counter value the state is bound to
-	Digest  [32]byte // XOR of every record's MAC
+	Digest  [32]byte // MAC over every record's (name, MAC), in name order
 }
 
 // Sealed is a Store whose records are authenticated: what a backend opened
@@ -60,6 +66,7 @@ type Sealed interface {
 const (
 	recordLabel = "hsmd/store/record/v1\x00"
 	stateLabel  = "hsmd/store/state/v1\x00"
+	digestLabel = "hsmd/store/digest/v1\x00"
 )
 
 // RecordMAC is the MAC of the record stored under (kind, key) as value.
@@ -77,11 +84,26 @@ func appendField(b, f []byte) []byte {
 	return append(b, f...)
 }
 
-// Fold adds or removes (XOR is its own inverse) a record MAC in the digest.
-func (st *State) Fold(mac [32]byte) {
-	for i := range st.Digest {
-		st.Digest[i] ^= mac[i]
-	}
+// Digester computes State.Digest: feed it every record's name and MAC in
+// name order.
+type Digester struct{ h hash.Hash }
+
+// NewDigester starts a digest under s.
+func NewDigester(s Sealer) *Digester {
+	h := s.NewMAC()
+	h.Write([]byte(digestLabel))
+	return &Digester{h: h}
+}
+
+// Add feeds one record.
+func (d *Digester) Add(name string, mac []byte) {
+	d.h.Write(appendField(appendField(nil, []byte(name)), mac))
+}
+
+// Sum returns the digest.
+func (d *Digester) Sum() (out [32]byte) {
+	d.h.Sum(out[:0])
+	return out
 }
 
 type sealedState struct {

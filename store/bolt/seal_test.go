@@ -89,7 +89,26 @@ func TestOfflineEditsAreNamed(t *testing.T) {
 		{"record and MAC removed", func(tx *bbolt.Tx) error {
 			tx.Bucket([]byte("macs")).Delete([]byte("acme"))
 			return tx.Bucket([]byte("tenants")).Delete([]byte("acme"))
+		}, `tenant "acme"`},
+		{"record, MAC and index removed", func(tx *bbolt.Tx) error {
+			tx.Bucket([]byte("macs")).Delete([]byte("acme"))
+			c := tx.Bucket([]byte("ids")).Cursor()
+			for k, v := c.First(); k != nil; k, v = c.Next() {
+				if string(v) == "acme" {
+					c.Delete()
+				}
+			}
+			return tx.Bucket([]byte("tenants")).Delete([]byte("acme"))
 		}, "another copy"},
+		{"id index repointed", func(tx *bbolt.Tx) error {
+			c := tx.Bucket([]byte("ids")).Cursor()
+			for k, v := c.First(); k != nil; k, v = c.Next() {
+				if string(v) == "acme" {
+					return tx.Bucket([]byte("ids")).Put(k, []byte("globex"))
+				}
+			}
+			return nil
+		}, "id index"},
 		{"record added", func(tx *bbolt.Tx) error {
 			return tx.Bucket([]byte("tenants")).Put([]byte("evil"), tx.Bucket([]byte("tenants")).Get([]byte("acme")))
 		}, `tenant "evil"`},

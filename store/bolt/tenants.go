@@ -106,7 +106,10 @@ func (s *Store) CreateTenant(ctx context.Context, t *store.Tenant) error {
 		if err := ids.Put(id, name); err != nil {
 			return err
 		}
-		return s.sealWrite(tx, t.Name, nil, val)
+		if err := s.sealWrite(tx, t.Name, val); err != nil {
+			return err
+		}
+		return s.sealState(tx)
 	})
 	if err != nil {
 		return err
@@ -236,7 +239,7 @@ func (s *Store) UpdateTenants(ctx context.Context, ts []*store.Tenant) error {
 				return err
 			}
 		}
-		return nil
+		return s.sealState(tx)
 	})
 	if err != nil {
 		return err
@@ -259,8 +262,7 @@ func (s *Store) updateOne(tx *bbolt.Tx, t *store.Tenant, val []byte) error {
 		return fmt.Errorf("bolt: update tenant %q: %w: revision %d, stored %d",
 			t.Name, store.ErrConflict, t.Revision, old.Revision)
 	}
-	oldVal := tx.Bucket(bucketTenants).Get([]byte(t.Name))
-	if err := s.sealWrite(tx, t.Name, oldVal, val); err != nil {
+	if err := s.sealWrite(tx, t.Name, val); err != nil {
 		return err
 	}
 	return tx.Bucket(bucketTenants).Put([]byte(t.Name), val)
@@ -281,13 +283,15 @@ func (s *Store) DeleteTenant(ctx context.Context, name string, revision uint64) 
 		if old.Revision != revision {
 			return fmt.Errorf("bolt: delete tenant %q: %w: revision %d, stored %d", name, store.ErrConflict, revision, old.Revision)
 		}
-		val := tx.Bucket(bucketTenants).Get([]byte(name))
-		if err := s.sealDelete(tx, name, val); err != nil {
+		if err := s.sealDelete(tx, name); err != nil {
 			return err
 		}
 		if err := tx.Bucket(bucketIDs).Delete(idKey(old.ID)); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketTenants).Delete([]byte(name))
+		if err := tx.Bucket(bucketTenants).Delete([]byte(name)); err != nil {
+			return err
+		}
+		return s.sealState(tx)
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"errors"
+	"hash"
 	"testing"
 
 	"github.com/hsmd/hsmd/store"
@@ -12,6 +13,9 @@ import (
 
 // HMACSealer is a store.Sealer with a key in memory, for tests.
 type HMACSealer []byte
+
+// NewMAC implements store.Sealer.
+func (k HMACSealer) NewMAC() hash.Hash { return hmac.New(sha256.New, k) }
 
 // MAC implements store.Sealer.
 func (k HMACSealer) MAC(msg []byte) [32]byte {
