@@ -235,6 +235,10 @@ func SetPolicy(t *store.Tenant, p store.Policy) error {
 		return fmt.Errorf("%w: min_decryption_version %d is above the current version %d",
 			ErrPolicy, p.MinDecryptionVersion, t.Current)
 	}
+	if p.MaxDEKsPerVersion != 0 && p.MaxDEKsPerVersion < MinMaxDEKsPerVersion {
+		return fmt.Errorf("%w: max_deks_per_version %d: must be 0 (no limit) or at least %d",
+			ErrPolicy, p.MaxDEKsPerVersion, MinMaxDEKsPerVersion)
+	}
 	t.Policy = p
 	return nil
 }

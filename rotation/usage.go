@@ -13,18 +13,22 @@ import (
 // OpUsage is the Change.Op of a rotation that a usage limit triggered.
 const OpUsage = "rotate_usage"
 
-// RecordDEK counts one data key derived to encrypt under version v of the
+// MinMaxDEKsPerVersion is the lowest usage limit a policy may set: each
+// rotation it triggers is a store write and a rollback-counter advance.
+const MinMaxDEKsPerVersion = 16
+
+// RecordDEK counts n data keys derived to encrypt under version v of the
 // tenant (the envelope engine draws one per seed) and, if the tenant's
 // Policy.MaxDEKsPerVersion is reached while v is current, rotates the
 // tenant in the same write. It returns whether it rotated. Counting is
 // best effort: a DEK derived just before a crash may go uncounted.
-func (m *Manager) RecordDEK(ctx context.Context, name string, v uint32) (bool, error) {
+func (m *Manager) RecordDEK(ctx context.Context, name string, v uint32, n uint64) (bool, error) {
 	for attempt := 1; ; attempt++ {
 		t, err := m.Store.GetTenant(ctx, name)
 		if err != nil {
 			return false, fmt.Errorf("rotation: count a data key of tenant %q: %w", name, err)
 		}
-		rotated, err := countDEK(t, v, m.kdk(), m.now(), m.rand())
+		rotated, err := countDEK(t, v, n, m.kdk(), m.now(), m.rand())
 		if err != nil {
 			return false, err
 		}
@@ -45,10 +49,10 @@ func (m *Manager) RecordDEK(ctx context.Context, name string, v uint32) (bool, e
 }
 
 // countDEK is RecordDEK's change to t.
-func countDEK(t *store.Tenant, v uint32, kdk uint32, now time.Time, r io.Reader) (bool, error) {
+func countDEK(t *store.Tenant, v uint32, n uint64, kdk uint32, now time.Time, r io.Reader) (bool, error) {
 	for i := range t.Versions {
 		if t.Versions[i].Version == v {
-			t.Versions[i].DEKs++
+			t.Versions[i].DEKs += n
 			max := t.Policy.MaxDEKsPerVersion
 			if max == 0 || v != t.Current || t.Versions[i].DEKs < max {
 				return false, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -122,20 +123,59 @@ func keyProto(t *store.Tenant) *hsmdv1.Key {
 	return k
 }
 
-// RecordDEK counts a data key derived to seal under ref, in the background
-// (it writes the store), rotating the tenant early when its policy's
-// max_deks_per_version is reached. Wire it to envelope.Config.OnSealKey.
+// RecordDEK counts a data key derived to seal under ref, rotating the
+// tenant early when its policy's max_deks_per_version is reached. It only
+// queues the count: one background flusher at a time sums the queue per
+// tenant version and writes it. Wire it to envelope.Config.OnSealKey.
 func (s *Server) RecordDEK(ref envelope.KeyRef) {
 	if s.cfg.Keys == nil {
 		return
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if _, err := s.cfg.Keys.RecordDEK(ctx, ref.Tenant, ref.Version); err != nil {
-			s.log.Warn("counting a data key for the usage limit", "tenant", ref.Tenant, "error", err)
+	d := &s.deks
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.pending == nil {
+		d.pending = map[dekKey]uint64{}
+	}
+	d.pending[dekKey{ref.Tenant, ref.Version}]++
+	if !d.running {
+		d.running = true
+		go s.flushDEKs()
+	}
+}
+
+type dekKey struct {
+	tenant  string
+	version uint32
+}
+
+// dekCounts is the queue of RecordDEK.
+type dekCounts struct {
+	mu      sync.Mutex
+	pending map[dekKey]uint64
+	running bool
+}
+
+func (s *Server) flushDEKs() {
+	d := &s.deks
+	for {
+		d.mu.Lock()
+		batch := d.pending
+		d.pending = nil
+		if len(batch) == 0 {
+			d.running = false
+			d.mu.Unlock()
+			return
 		}
-	}()
+		d.mu.Unlock()
+		for k, n := range batch {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			if _, err := s.cfg.Keys.RecordDEK(ctx, k.tenant, k.version, n); err != nil {
+				s.log.Warn("counting data keys for the usage limit", "tenant", k.tenant, "error", err)
+			}
+			cancel()
+		}
+	}
 }
 
 // ShredTenant destroys a tenant's key material.

@@ -280,7 +280,7 @@ func TestUsageLimitRotatesEarly(t *testing.T) {
 	s := newStack(t, stackOpts{envelope: envelope.Limits{MaxItems: 10}}) // a new data key every 10 items
 	s.createTenant("acme")
 	ctx := context.Background()
-	mustKey(t)(s.keys.SetKeyPolicy(ctx, &hsmdv1.SetKeyPolicyRequest{Tenant: "acme", Policy: &hsmdv1.KeyPolicy{RotationPeriodSeconds: 86400, MaxDeksPerVersion: 3}}))
+	mustKey(t)(s.keys.SetKeyPolicy(ctx, &hsmdv1.SetKeyPolicyRequest{Tenant: "acme", Policy: &hsmdv1.KeyPolicy{RotationPeriodSeconds: 86400, MaxDeksPerVersion: 16}}))
 	items := make([]*hsmdv1.EncryptItem, 10)
 	for i := range items {
 		items[i] = &hsmdv1.EncryptItem{Plaintext: []byte("x")}
@@ -290,8 +290,8 @@ func TestUsageLimitRotatesEarly(t *testing.T) {
 		encrypt(t, s, "acme", items...) // each batch fills one data key
 		k := mustKey(t)(s.keys.GetKey(ctx, &hsmdv1.GetKeyRequest{Tenant: "acme"}))
 		if k.CurrentVersion == 2 {
-			if k.Versions[0].Deks < 3 {
-				t.Fatalf("rotated after %d data keys, the limit is 3", k.Versions[0].Deks)
+			if k.Versions[0].Deks < 16 {
+				t.Fatalf("rotated after %d data keys, the limit is 16", k.Versions[0].Deks)
 			}
 			return
 		}

@@ -70,6 +70,7 @@ type Server struct {
 	cfg    Config
 	log    *slog.Logger
 	health *health.Server
+	deks   dekCounts
 }
 
 // New checks cfg (Store, Engine and Metrics are required; Limits must
