@@ -266,6 +266,20 @@ func (r *rewrapRun) open(env *cliEnv) (done bool, err error) {
 // create starts a new run: the output must not exist.
 func (r *rewrapRun) create() error {
 	a := r.args
+	if _, err := os.Stat(a.out); err == nil {
+		hint := "rewrap never overwrites its output: choose another --out, or delete it"
+		if a.resume == "" {
+			hint += "; to continue an interrupted run, give its --resume FILE"
+		}
+		return withHint(fmt.Errorf("%w: %s", errOutputExists, a.out), hint)
+	}
+	if a.resume != "" {
+		// Saved before the output exists, so a crash between the two leaves
+		// a run that resumes (reopen creates a missing empty output).
+		if err := r.st.save(a.resume); err != nil {
+			return err
+		}
+	}
 	out, err := os.OpenFile(a.out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, os.ErrExist) {
 		hint := "rewrap never overwrites its output: choose another --out, or delete it"
