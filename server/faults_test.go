@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -15,6 +14,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/internal/testutil"
 )
 
 // faulty wraps the real SoftHSM module and, while armed, fails or stalls
@@ -120,7 +120,7 @@ func waitHealth(t *testing.T, hc healthpb.HealthClient, want healthpb.HealthChec
 // failures and HSM failures, the log holds no plaintext, context value or
 // PIN.
 func TestLogsHoldNoSecrets(t *testing.T) {
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	f := &faulty{}
 	s := newStack(t, stackOpts{
 		wrap: func(m hsm.Module) hsm.Module { f.Module = m; return f },
@@ -145,21 +145,4 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 			t.Errorf("the log holds %q:\n%s", s, out)
 		}
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -18,6 +18,7 @@ import (
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/hsmd/hsmd/internal/testutil"
 	"github.com/hsmd/hsmd/localstate"
 	"github.com/hsmd/hsmd/tpm"
 )
@@ -62,30 +63,13 @@ func (e *buildError) Error() string { return e.err.Error() + "\n" + e.out }
 // daemonProc is a running `hsmd serve`, or `make run`.
 type daemonProc struct {
 	cmd     *exec.Cmd
-	out     *syncBuffer // stdout and stderr together
-	metrics string      // http://host:port/metrics
+	out     *testutil.SyncBuffer // stdout and stderr together
+	metrics string               // http://host:port/metrics
 	done    chan error
 	once    sync.Once
 	// viaMake: the process is make, which exits by the signal it forwards;
 	// what must exit cleanly is hsmd, its child.
 	viaMake bool
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 var metricsLine = regexp.MustCompile(`metrics +(http://\S+/metrics)`)
@@ -94,7 +78,7 @@ var metricsLine = regexp.MustCompile(`metrics +(http://\S+/metrics)`)
 // line, which it prints once every listener is up.
 func startDaemon(t *testing.T, cmd *exec.Cmd) *daemonProc {
 	t.Helper()
-	d := &daemonProc{cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1)}
+	d := &daemonProc{cmd: cmd, out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	pr, pw := io.Pipe()
 	cmd.Stdout = pw
