@@ -44,11 +44,11 @@ func (c Config) Validate() error {
 	switch {
 	case c.Module == "":
 		return bad("hsm.module is required")
-	case hasPINValue(c.Module):
+	case HasPINValue(c.Module):
 		return bad("hsm.module must not contain pin-value=; use hsm.pin_file or hsm.pin_fd")
 	case c.TokenLabel == "":
 		return bad("hsm.token_label is required")
-	case hasPINValue(c.TokenLabel):
+	case HasPINValue(c.TokenLabel):
 		return bad("hsm.token_label must not contain pin-value=; use hsm.pin_file or hsm.pin_fd")
 	case len(c.TokenLabel) > 32:
 		return bad("hsm.token_label is longer than 32 bytes")
@@ -66,7 +66,9 @@ func (c Config) Validate() error {
 	return nil
 }
 
-func hasPINValue(s string) bool {
+// HasPINValue reports whether s holds RFC 7512's PIN attribute, which
+// hsmd refuses anywhere a PIN could be exposed (module paths, labels).
+func HasPINValue(s string) bool {
 	return strings.Contains(strings.ToLower(s), "pin-value=")
 }
 

@@ -111,7 +111,7 @@ func LoadModule(path string) (ctx *pkcs11.Ctx, release func() error, err error) 
 }
 
 func acquireModule(path string) (*loadedModule, error) {
-	if hasPINValue(path) {
+	if HasPINValue(path) {
 		return nil, fmt.Errorf("%w: hsm.module must not contain pin-value=", ErrInvalidConfig)
 	}
 	key, err := filepath.EvalSymlinks(path)

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -17,6 +16,8 @@ import (
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
+
+	"github.com/hsmd/hsmd/internal/fsutil"
 )
 
 // Errors of Witness.AddCheckpoint. The comment on each names the HTTP status
@@ -322,43 +323,9 @@ func (s *FileWitnessState) CompareAndSet(ctx context.Context, origin string, old
 	if err != nil {
 		return false, fmt.Errorf("signing: witness state: %w", err)
 	}
-	if err := writeFileAtomic(s.path, append(b, '\n')); err != nil {
+	if err := fsutil.WriteFileAtomic(s.path, append(b, '\n'), 0o600); err != nil {
 		return false, fmt.Errorf("signing: witness state: %w", err)
 	}
 	s.logs = next
 	return true, nil
-}
-
-// writeFileAtomic replaces path with data durably: a temporary file in the
-// same directory, fsync, rename, fsync of the directory.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			_ = tmp.Close()
-			_ = os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = tmp.Write(data); err != nil {
-		return err
-	}
-	if err = tmp.Sync(); err != nil {
-		return err
-	}
-	if err = tmp.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

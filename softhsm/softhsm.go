@@ -136,7 +136,7 @@ func checkArgs(label string, soPIN, userPIN []byte) error {
 	switch {
 	case label == "" || len(label) > 32:
 		return errors.New("softhsm: token label must be 1 to 32 bytes")
-	case strings.Contains(strings.ToLower(label), "pin-value="):
+	case hsm.HasPINValue(label):
 		return errors.New("softhsm: token label must not contain pin-value=")
 	case len(soPIN) < 4 || len(soPIN) > 255 || len(userPIN) < 4 || len(userPIN) > 255:
 		return errors.New("softhsm: PINs must be 4 to 255 bytes")

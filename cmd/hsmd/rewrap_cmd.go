@@ -294,7 +294,7 @@ func (r *rewrapRun) create() error {
 	r.out = out
 	r.rr = ctstream.NewReader(r.in, r.text, 0, 0)
 	r.rw = ctstream.NewWriter(out, r.text, 0)
-	if err := syncDir(filepath.Dir(a.out)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(a.out)); err != nil {
 		return err
 	}
 	if err := r.openSkip(); err != nil {
@@ -372,15 +372,6 @@ func (r *rewrapRun) close() {
 			f.Close()
 		}
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // loop rewraps batch after batch until the input ends, a record fails, or
