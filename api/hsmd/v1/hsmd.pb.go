@@ -1469,6 +1469,144 @@ func (x *KeyVersion) GetDeks() uint64 {
 	return 0
 }
 
+type SignCheckpointRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tree size of the last checkpoint of this log that hsmd cosigned
+	// (0 if none). If unknown, send 0: an ABORTED answer tells the size.
+	OldSize uint64 `protobuf:"varint,1,opt,name=old_size,json=oldSize,proto3" json:"old_size,omitempty"`
+	// The RFC 6962 consistency proof from old_size to the checkpoint's size,
+	// one 32-byte SHA-256 hash per entry, at most 128. Empty when old_size is
+	// 0 or equal to the checkpoint's size.
+	ConsistencyProof [][]byte `protobuf:"bytes,2,rep,name=consistency_proof,json=consistencyProof,proto3" json:"consistency_proof,omitempty"`
+	// The log's checkpoint (c2sp.org/tlog-checkpoint) as a signed note,
+	// signed by the log's registered key; other signatures are ignored. At
+	// most 16 KiB.
+	Checkpoint []byte `protobuf:"bytes,3,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	// Also sign with the HSM's ECDSA P-256 key (note signature type 0x02,
+	// under the witness name), besides the cosignature/v1 Ed25519
+	// cosignature (type 0x04) that is always made.
+	HsmEcdsa bool `protobuf:"varint,4,opt,name=hsm_ecdsa,json=hsmEcdsa,proto3" json:"hsm_ecdsa,omitempty"`
+	// Also make an ML-DSA-44 cosignature/v1 cosignature (type 0x06, under
+	// the witness name). The checkpoint must have no extension lines: that
+	// signature would not cover them.
+	Mldsa         bool `protobuf:"varint,5,opt,name=mldsa,proto3" json:"mldsa,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignCheckpointRequest) Reset() {
+	*x = SignCheckpointRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignCheckpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignCheckpointRequest) ProtoMessage() {}
+
+func (x *SignCheckpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignCheckpointRequest.ProtoReflect.Descriptor instead.
+func (*SignCheckpointRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SignCheckpointRequest) GetOldSize() uint64 {
+	if x != nil {
+		return x.OldSize
+	}
+	return 0
+}
+
+func (x *SignCheckpointRequest) GetConsistencyProof() [][]byte {
+	if x != nil {
+		return x.ConsistencyProof
+	}
+	return nil
+}
+
+func (x *SignCheckpointRequest) GetCheckpoint() []byte {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return nil
+}
+
+func (x *SignCheckpointRequest) GetHsmEcdsa() bool {
+	if x != nil {
+		return x.HsmEcdsa
+	}
+	return false
+}
+
+func (x *SignCheckpointRequest) GetMldsa() bool {
+	if x != nil {
+		return x.Mldsa
+	}
+	return false
+}
+
+type SignCheckpointResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Note signature lines ("— <name> <base64>"), each ending in "\n", to
+	// append to the checkpoint: the cosignature/v1 Ed25519 cosignature
+	// first, then the ECDSA signature, then the ML-DSA-44 cosignature, as
+	// requested.
+	Signatures    []byte `protobuf:"bytes,1,opt,name=signatures,proto3" json:"signatures,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignCheckpointResponse) Reset() {
+	*x = SignCheckpointResponse{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignCheckpointResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignCheckpointResponse) ProtoMessage() {}
+
+func (x *SignCheckpointResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignCheckpointResponse.ProtoReflect.Descriptor instead.
+func (*SignCheckpointResponse) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SignCheckpointResponse) GetSignatures() []byte {
+	if x != nil {
+		return x.Signatures
+	}
+	return nil
+}
+
 var File_api_hsmd_v1_hsmd_proto protoreflect.FileDescriptor
 
 const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
@@ -1574,7 +1712,19 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\vcreate_time\x18\x04 \x01(\x03R\n" +
 	"createTime\x12!\n" +
 	"\fdestroy_time\x18\x05 \x01(\x03R\vdestroyTime\x12\x12\n" +
-	"\x04deks\x18\x06 \x01(\x04R\x04deks2\xc1\x01\n" +
+	"\x04deks\x18\x06 \x01(\x04R\x04deks\"\xb2\x01\n" +
+	"\x15SignCheckpointRequest\x12\x19\n" +
+	"\bold_size\x18\x01 \x01(\x04R\aoldSize\x12+\n" +
+	"\x11consistency_proof\x18\x02 \x03(\fR\x10consistencyProof\x12\x1e\n" +
+	"\n" +
+	"checkpoint\x18\x03 \x01(\fR\n" +
+	"checkpoint\x12\x1b\n" +
+	"\thsm_ecdsa\x18\x04 \x01(\bR\bhsmEcdsa\x12\x14\n" +
+	"\x05mldsa\x18\x05 \x01(\bR\x05mldsa\"8\n" +
+	"\x16SignCheckpointResponse\x12\x1e\n" +
+	"\n" +
+	"signatures\x18\x01 \x01(\fR\n" +
+	"signatures2\xc1\x01\n" +
 	"\bEnvelope\x12<\n" +
 	"\aEncrypt\x12\x17.hsmd.v1.EncryptRequest\x1a\x18.hsmd.v1.EncryptResponse\x12<\n" +
 	"\aDecrypt\x12\x17.hsmd.v1.DecryptRequest\x1a\x18.hsmd.v1.DecryptResponse\x129\n" +
@@ -1591,7 +1741,9 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x0eDisableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x126\n" +
 	"\rEnableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x12@\n" +
 	"\x0fScheduleDestroy\x12\x1f.hsmd.v1.ScheduleDestroyRequest\x1a\f.hsmd.v1.Key\x126\n" +
-	"\rCancelDestroy\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.KeyB)Z'github.com/hsmd/hsmd/api/hsmd/v1;hsmdv1b\x06proto3"
+	"\rCancelDestroy\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key2Z\n" +
+	"\x05Audit\x12Q\n" +
+	"\x0eSignCheckpoint\x12\x1e.hsmd.v1.SignCheckpointRequest\x1a\x1f.hsmd.v1.SignCheckpointResponseB)Z'github.com/hsmd/hsmd/api/hsmd/v1;hsmdv1b\x06proto3"
 
 var (
 	file_api_hsmd_v1_hsmd_proto_rawDescOnce sync.Once
@@ -1605,7 +1757,7 @@ func file_api_hsmd_v1_hsmd_proto_rawDescGZIP() []byte {
 	return file_api_hsmd_v1_hsmd_proto_rawDescData
 }
 
-var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_api_hsmd_v1_hsmd_proto_goTypes = []any{
 	(*RewrapRequest)(nil),          // 0: hsmd.v1.RewrapRequest
 	(*RewrapResponse)(nil),         // 1: hsmd.v1.RewrapResponse
@@ -1633,17 +1785,19 @@ var file_api_hsmd_v1_hsmd_proto_goTypes = []any{
 	(*ListTenantsResponse)(nil),    // 23: hsmd.v1.ListTenantsResponse
 	(*Tenant)(nil),                 // 24: hsmd.v1.Tenant
 	(*KeyVersion)(nil),             // 25: hsmd.v1.KeyVersion
-	nil,                            // 26: hsmd.v1.EncryptItem.ContextEntry
-	nil,                            // 27: hsmd.v1.DecryptItem.ContextEntry
+	(*SignCheckpointRequest)(nil),  // 26: hsmd.v1.SignCheckpointRequest
+	(*SignCheckpointResponse)(nil), // 27: hsmd.v1.SignCheckpointResponse
+	nil,                            // 28: hsmd.v1.EncryptItem.ContextEntry
+	nil,                            // 29: hsmd.v1.DecryptItem.ContextEntry
 }
 var file_api_hsmd_v1_hsmd_proto_depIdxs = []int32{
 	7,  // 0: hsmd.v1.RewrapRequest.items:type_name -> hsmd.v1.DecryptItem
 	2,  // 1: hsmd.v1.RewrapResponse.results:type_name -> hsmd.v1.RewrapResult
 	10, // 2: hsmd.v1.RewrapResult.error:type_name -> hsmd.v1.ItemError
 	4,  // 3: hsmd.v1.EncryptRequest.items:type_name -> hsmd.v1.EncryptItem
-	26, // 4: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
+	28, // 4: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
 	7,  // 5: hsmd.v1.DecryptRequest.items:type_name -> hsmd.v1.DecryptItem
-	27, // 6: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
+	29, // 6: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
 	9,  // 7: hsmd.v1.DecryptResponse.results:type_name -> hsmd.v1.DecryptResult
 	10, // 8: hsmd.v1.DecryptResult.error:type_name -> hsmd.v1.ItemError
 	25, // 9: hsmd.v1.Key.versions:type_name -> hsmd.v1.KeyVersion
@@ -1665,22 +1819,24 @@ var file_api_hsmd_v1_hsmd_proto_depIdxs = []int32{
 	18, // 25: hsmd.v1.Keys.EnableVersion:input_type -> hsmd.v1.VersionRequest
 	19, // 26: hsmd.v1.Keys.ScheduleDestroy:input_type -> hsmd.v1.ScheduleDestroyRequest
 	18, // 27: hsmd.v1.Keys.CancelDestroy:input_type -> hsmd.v1.VersionRequest
-	5,  // 28: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
-	8,  // 29: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
-	1,  // 30: hsmd.v1.Envelope.Rewrap:output_type -> hsmd.v1.RewrapResponse
-	24, // 31: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
-	24, // 32: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
-	23, // 33: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
-	12, // 34: hsmd.v1.Tenants.ShredTenant:output_type -> hsmd.v1.ShredTenantResponse
-	13, // 35: hsmd.v1.Keys.RotateKey:output_type -> hsmd.v1.Key
-	13, // 36: hsmd.v1.Keys.GetKey:output_type -> hsmd.v1.Key
-	13, // 37: hsmd.v1.Keys.SetKeyPolicy:output_type -> hsmd.v1.Key
-	13, // 38: hsmd.v1.Keys.DisableVersion:output_type -> hsmd.v1.Key
-	13, // 39: hsmd.v1.Keys.EnableVersion:output_type -> hsmd.v1.Key
-	13, // 40: hsmd.v1.Keys.ScheduleDestroy:output_type -> hsmd.v1.Key
-	13, // 41: hsmd.v1.Keys.CancelDestroy:output_type -> hsmd.v1.Key
-	28, // [28:42] is the sub-list for method output_type
-	14, // [14:28] is the sub-list for method input_type
+	26, // 28: hsmd.v1.Audit.SignCheckpoint:input_type -> hsmd.v1.SignCheckpointRequest
+	5,  // 29: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
+	8,  // 30: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
+	1,  // 31: hsmd.v1.Envelope.Rewrap:output_type -> hsmd.v1.RewrapResponse
+	24, // 32: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
+	24, // 33: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
+	23, // 34: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
+	12, // 35: hsmd.v1.Tenants.ShredTenant:output_type -> hsmd.v1.ShredTenantResponse
+	13, // 36: hsmd.v1.Keys.RotateKey:output_type -> hsmd.v1.Key
+	13, // 37: hsmd.v1.Keys.GetKey:output_type -> hsmd.v1.Key
+	13, // 38: hsmd.v1.Keys.SetKeyPolicy:output_type -> hsmd.v1.Key
+	13, // 39: hsmd.v1.Keys.DisableVersion:output_type -> hsmd.v1.Key
+	13, // 40: hsmd.v1.Keys.EnableVersion:output_type -> hsmd.v1.Key
+	13, // 41: hsmd.v1.Keys.ScheduleDestroy:output_type -> hsmd.v1.Key
+	13, // 42: hsmd.v1.Keys.CancelDestroy:output_type -> hsmd.v1.Key
+	27, // 43: hsmd.v1.Audit.SignCheckpoint:output_type -> hsmd.v1.SignCheckpointResponse
+	29, // [29:44] is the sub-list for method output_type
+	14, // [14:29] is the sub-list for method input_type
 	14, // [14:14] is the sub-list for extension type_name
 	14, // [14:14] is the sub-list for extension extendee
 	0,  // [0:14] is the sub-list for field type_name
@@ -1697,9 +1853,9 @@ func file_api_hsmd_v1_hsmd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_hsmd_v1_hsmd_proto_rawDesc), len(file_api_hsmd_v1_hsmd_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   30,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_api_hsmd_v1_hsmd_proto_goTypes,
 		DependencyIndexes: file_api_hsmd_v1_hsmd_proto_depIdxs,

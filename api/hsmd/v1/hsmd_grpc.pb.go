@@ -807,3 +807,155 @@ var Keys_ServiceDesc = grpc.ServiceDesc{
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "api/hsmd/v1/hsmd.proto",
 }
+
+const (
+	Audit_SignCheckpoint_FullMethodName = "/hsmd.v1.Audit/SignCheckpoint"
+)
+
+// AuditClient is the client API for Audit service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Audit signs other components' audit log checkpoints as a C2SP
+// tlog-witness (https://c2sp.org/tlog-witness): hsmd keeps, per registered
+// log, the size and root hash of the last checkpoint it cosigned, and
+// cosigns a new checkpoint only if a consistency proof shows it extends
+// that one. A log that forks or rolls back cannot get a cosignature.
+type AuditClient interface {
+	// SignCheckpoint checks the checkpoint as the tlog-witness add-checkpoint
+	// call does, records its size and root hash durably, and returns the
+	// cosignature. Errors, one per cause:
+	//
+	//	NOT_FOUND: the checkpoint's origin is not a registered log;
+	//	PERMISSION_DENIED: no valid signature by the log's registered key;
+	//	ABORTED: old_size is not the size hsmd last cosigned for the log; a
+	//	  google.rpc.ErrorInfo detail (reason "SIZE_CONFLICT", domain "hsmd")
+	//	  carries that size in metadata["size"]: retry with it;
+	//	FAILED_PRECONDITION: the consistency proof does not verify, or the
+	//	  checkpoint forks the log at the cosigned size (ErrorInfo reason
+	//	  "BAD_PROOF"); or an extra signature was asked for that this server
+	//	  is not configured to make (no ErrorInfo);
+	//	INVALID_ARGUMENT: a malformed request or checkpoint, a limit
+	//	  exceeded, a checkpoint size below old_size (a rollback), or mldsa
+	//	  asked for a checkpoint with extension lines;
+	//	UNAVAILABLE: a signing key could not be used; retry. If this happens
+	//	  after the checkpoint was recorded, retry with old_size set to its
+	//	  size.
+	SignCheckpoint(ctx context.Context, in *SignCheckpointRequest, opts ...grpc.CallOption) (*SignCheckpointResponse, error)
+}
+
+type auditClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewAuditClient(cc grpc.ClientConnInterface) AuditClient {
+	return &auditClient{cc}
+}
+
+func (c *auditClient) SignCheckpoint(ctx context.Context, in *SignCheckpointRequest, opts ...grpc.CallOption) (*SignCheckpointResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SignCheckpointResponse)
+	err := c.cc.Invoke(ctx, Audit_SignCheckpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// AuditServer is the server API for Audit service.
+// All implementations must embed UnimplementedAuditServer
+// for forward compatibility.
+//
+// Audit signs other components' audit log checkpoints as a C2SP
+// tlog-witness (https://c2sp.org/tlog-witness): hsmd keeps, per registered
+// log, the size and root hash of the last checkpoint it cosigned, and
+// cosigns a new checkpoint only if a consistency proof shows it extends
+// that one. A log that forks or rolls back cannot get a cosignature.
+type AuditServer interface {
+	// SignCheckpoint checks the checkpoint as the tlog-witness add-checkpoint
+	// call does, records its size and root hash durably, and returns the
+	// cosignature. Errors, one per cause:
+	//
+	//	NOT_FOUND: the checkpoint's origin is not a registered log;
+	//	PERMISSION_DENIED: no valid signature by the log's registered key;
+	//	ABORTED: old_size is not the size hsmd last cosigned for the log; a
+	//	  google.rpc.ErrorInfo detail (reason "SIZE_CONFLICT", domain "hsmd")
+	//	  carries that size in metadata["size"]: retry with it;
+	//	FAILED_PRECONDITION: the consistency proof does not verify, or the
+	//	  checkpoint forks the log at the cosigned size (ErrorInfo reason
+	//	  "BAD_PROOF"); or an extra signature was asked for that this server
+	//	  is not configured to make (no ErrorInfo);
+	//	INVALID_ARGUMENT: a malformed request or checkpoint, a limit
+	//	  exceeded, a checkpoint size below old_size (a rollback), or mldsa
+	//	  asked for a checkpoint with extension lines;
+	//	UNAVAILABLE: a signing key could not be used; retry. If this happens
+	//	  after the checkpoint was recorded, retry with old_size set to its
+	//	  size.
+	SignCheckpoint(context.Context, *SignCheckpointRequest) (*SignCheckpointResponse, error)
+	mustEmbedUnimplementedAuditServer()
+}
+
+// UnimplementedAuditServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedAuditServer struct{}
+
+func (UnimplementedAuditServer) SignCheckpoint(context.Context, *SignCheckpointRequest) (*SignCheckpointResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SignCheckpoint not implemented")
+}
+func (UnimplementedAuditServer) mustEmbedUnimplementedAuditServer() {}
+func (UnimplementedAuditServer) testEmbeddedByValue()               {}
+
+// UnsafeAuditServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to AuditServer will
+// result in compilation errors.
+type UnsafeAuditServer interface {
+	mustEmbedUnimplementedAuditServer()
+}
+
+func RegisterAuditServer(s grpc.ServiceRegistrar, srv AuditServer) {
+	// If the following call panics, it indicates UnimplementedAuditServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Audit_ServiceDesc, srv)
+}
+
+func _Audit_SignCheckpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SignCheckpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuditServer).SignCheckpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Audit_SignCheckpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuditServer).SignCheckpoint(ctx, req.(*SignCheckpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Audit_ServiceDesc is the grpc.ServiceDesc for Audit service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Audit_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "hsmd.v1.Audit",
+	HandlerType: (*AuditServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "SignCheckpoint",
+			Handler:    _Audit_SignCheckpoint_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "api/hsmd/v1/hsmd.proto",
+}
