@@ -126,35 +126,6 @@ func (h *ContextHasher) Sum(ctx []byte) string {
 	return "hmac-sha256:" + base64.RawStdEncoding.EncodeToString(m.Sum(nil))
 }
 
-// Distinct fills e.Contexts with the HMACs of the distinct values of ctxs
-// (nil and empty contexts skipped), at most MaxContexts of them.
-func (h *ContextHasher) Distinct(e *Entry, ctxs func(yield func([]byte) bool)) {
-	var seen [][]byte
-	var prev []byte
-	for c := range ctxs {
-		if len(c) == 0 || (prev != nil && bytes.Equal(c, prev)) {
-			continue
-		}
-		prev = c
-		dup := false
-		for _, s := range seen {
-			if bytes.Equal(s, c) {
-				dup = true
-				break
-			}
-		}
-		if dup {
-			continue
-		}
-		if len(seen) == MaxContexts {
-			e.ContextsTruncated = true
-			break
-		}
-		seen = append(seen, c)
-		e.Contexts = append(e.Contexts, h.Sum(c))
-	}
-}
-
 // String hides the key.
 func (h *ContextHasher) String() string { return "audit.ContextHasher{REDACTED}" }
 

@@ -70,6 +70,9 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 	case errors.Is(err, envelope.ErrDerive):
 		log.LogAttrs(ctx, slog.LevelWarn, "data key derivation failed", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
 		return status.Error(codes.Unavailable, "the HSM is unavailable; retry later")
+	case isAuditUnavailable(err):
+		log.LogAttrs(ctx, slog.LevelError, "audit log refused an entry", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
+		return status.Error(codes.Unavailable, "the audit log cannot record this change (it was made; check before retrying)")
 	case errors.Is(err, store.ErrClosed):
 		return status.Error(codes.Unavailable, "the server is shutting down")
 	case errors.Is(err, context.DeadlineExceeded):

@@ -15,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"path"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -24,6 +25,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
@@ -57,6 +59,11 @@ type Config struct {
 	Rand io.Reader
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+	// Audit, if set, records every call (see auditBefore/auditAfter):
+	// fail-closed, a call whose entry cannot be recorded fails with
+	// UNAVAILABLE. AuditContexts HMACs the callers' contexts for it.
+	Audit         Auditor
+	AuditContexts *audit.ContextHasher
 }
 
 // TPMService is the health service name that reports the TPM: SERVING
@@ -111,6 +118,7 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 	max := s.cfg.Limits.MaxMessageBytes()
 	return []grpc.ServerOption{
 		grpc.UnaryInterceptor(s.intercept),
+		grpc.Creds(PeerCredentials()),
 		grpc.MaxRecvMsgSize(max),
 		// A response holds the request's items plus 58 bytes each.
 		grpc.MaxSendMsgSize(max + s.cfg.Limits.MaxBatchItems*64),
@@ -190,8 +198,23 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", id))
 	method := path.Base(info.FullMethod)
 	start := time.Now()
-	resp, err := h(ctx, req)
-	err = toStatus(ctx, s.log, err)
+	audited := s.cfg.Audit != nil && !strings.HasPrefix(info.FullMethod, "/grpc.health.")
+	var caller string
+	var resp any
+	var err error
+	if audited {
+		caller = callerIdentity(ctx)
+		err = s.auditBefore(ctx, method, caller, req)
+	}
+	if err == nil {
+		resp, err = h(ctx, req)
+		err = toStatus(ctx, s.log, err)
+		if audited {
+			if aerr := s.auditAfter(ctx, method, caller, req, resp, status.Code(err)); aerr != nil {
+				resp, err = nil, aerr
+			}
+		}
+	}
 	d := time.Since(start)
 	code := status.Code(err)
 	s.cfg.Metrics.requests.WithLabelValues(method, code.String()).Inc()

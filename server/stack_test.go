@@ -14,11 +14,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"golang.org/x/mod/sumdb/note"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/rotation"
+	"github.com/hsmd/hsmd/signing"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/softhsm"
 	"github.com/hsmd/hsmd/store/bolt"
@@ -40,6 +43,8 @@ type stack struct {
 	tenants hsmdv1.TenantsClient
 	keys    hsmdv1.KeysClient
 	sched   *rotation.Scheduler
+	audit   *audit.Log
+	vkeys   []string // the audit checkpoints' verifier keys
 	srv     *server.Server
 	clock   *fakeClock
 	stop    func()
@@ -70,6 +75,9 @@ type stackOpts struct {
 	log    io.Writer // debug-level log output, if set
 	// envelope limits the data keys (to force new seeds in tests).
 	envelope envelope.Limits
+	// audit records every call in an audit log under <dir>/audit, its
+	// checkpoints signed by the token's keys (auditSync: durably).
+	audit, auditSync bool
 }
 
 // newStack makes a token with root keys and starts a stack on it.
@@ -126,20 +134,27 @@ func (s *stack) start(o stackOpts) {
 	if s.clock == nil {
 		s.clock = &fakeClock{now: time.Now()}
 	}
+	var auditor server.Auditor
+	var contexts *audit.ContextHasher
+	if o.audit {
+		s.audit, contexts = s.openAudit(h, o.auditSync)
+		auditor = s.audit
+	}
 	keys := &rotation.Manager{Store: st, Now: s.clock.Now, KDKVersion: h.NewestKDK, MinDestroyWait: time.Hour,
-		OnChange: func(_ context.Context, c rotation.Change) error {
+		OnChange: func(ctx context.Context, c rotation.Change) error {
 			srv.KeyChanged(c)
 			for _, v := range c.Versions {
 				eng.Forget(c.TenantID, v)
 			}
-			return nil
+			return server.KeyEvent(ctx, auditor, c.Op, c.Tenant, c.Versions)
 		}}
 	s.sched = &rotation.Scheduler{Manager: keys}
 	var logger *slog.Logger
 	if o.log != nil {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now})
+	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now,
+		Audit: auditor, AuditContexts: contexts})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,6 +195,11 @@ func (s *stack) start(o stackOpts) {
 		conn.Close()
 		tconn.Close()
 		g.Stop()
+		if s.audit != nil {
+			if err := s.audit.Close(context.Background()); err != nil {
+				t.Errorf("closing the audit log: %v", err)
+			}
+		}
 		st.Close()
 		if err := h.Close(); err != nil {
 			t.Errorf("closing the HSM: %v", err)
@@ -189,6 +209,49 @@ func (s *stack) start(o stackOpts) {
 		}
 	}
 	t.Cleanup(s.stop)
+}
+
+// openAudit opens the stack's audit log, its checkpoints signed by the
+// token's Ed25519 and ECDSA P-256 keys and by an ML-DSA-44 key sealed under
+// its wrap key, as the daemon does.
+func (s *stack) openAudit(h *hsm.HSM, syncMode bool) (*audit.Log, *audit.ContextHasher) {
+	t := s.t
+	t.Helper()
+	ctx := context.Background()
+	dir := filepath.Join(s.dir, "audit")
+	keys, err := audit.LoadKeys(ctx, dir, h, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keys.Clear()
+	const origin = "hsmd.test/audit"
+	var signers []note.Signer
+	for _, alg := range []hsm.SignAlg{hsm.Ed25519, hsm.ECDSAP256} {
+		cs, err := h.Signer(ctx, alg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns, err := signing.NewNoteSigner(origin, cs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		signers = append(signers, ns)
+	}
+	ml, err := signing.NewMLDSASigner(origin, keys.MLDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signers = append(signers, ml)
+	s.vkeys = audit.VerifierKeys(signers)
+	l, err := audit.Open(ctx, audit.Config{Dir: dir, Signers: signers, Sync: syncMode, Timeout: time.Second, CheckpointInterval: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := audit.NewContextHasher(keys.Context)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, ch
 }
 
 func (s *stack) restart(o stackOpts) {
