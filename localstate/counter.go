@@ -91,6 +91,12 @@ func AdoptCounter(ctx context.Context, t TPM, st store.Sealed) (uint64, error) {
 // rollback. Advances are rate-bounded to spare the TPM's NV memory. A
 // Counter is safe for concurrent use.
 type Counter struct {
+	// OnBind, if set, runs before the store is bound to a new value next
+	// (so before the TPM moves to it): the daemon binds its audit log's
+	// anchor there. Its error stops the advance. Set it before the first
+	// Advance.
+	OnBind func(ctx context.Context, next uint64) error
+
 	t   TPM
 	st  store.Sealed
 	lim *rate.Limiter
@@ -139,6 +145,9 @@ func (c *Counter) Advance(ctx context.Context) (uint64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	next := c.cur + 1
+	if err := c.bind(ctx, next); err != nil {
+		return 0, err
+	}
 	if err := c.st.SetCounter(ctx, next); err != nil {
 		return 0, fmt.Errorf("localstate: bind the store to counter %d: %w", next, err)
 	}
@@ -148,6 +157,16 @@ func (c *Counter) Advance(ctx context.Context) (uint64, error) {
 	}
 	c.cur = next
 	return next, nil
+}
+
+func (c *Counter) bind(ctx context.Context, next uint64) error {
+	if c.OnBind == nil {
+		return nil
+	}
+	if err := c.OnBind(ctx, next); err != nil {
+		return fmt.Errorf("localstate: bind to counter %d: %w", next, err)
+	}
+	return nil
 }
 
 // catchUp reads the TPM's counter after an increment that failed or
@@ -163,6 +182,9 @@ func (c *Counter) catchUp(ctx context.Context, next uint64, incErr error) (uint6
 		c.cur = next
 		return next, nil
 	case m > next:
+		if err := c.bind(ctx, m); err != nil {
+			return 0, err
+		}
 		if err := c.st.SetCounter(ctx, m); err != nil {
 			return 0, fmt.Errorf("localstate: bind the store to the TPM's counter %d: %w", m, err)
 		}

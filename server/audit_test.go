@@ -14,6 +14,7 @@ import (
 	"github.com/transparency-dev/merkle/rfc6962"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
@@ -216,6 +217,7 @@ func TestAuditFailClosed(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("refusals took %v", d)
 	}
+	waitHealth(t, healthpb.NewHealthClient(s.conn), healthpb.HealthCheckResponse_NOT_SERVING)
 	undo()
 	deadline := time.Now().Add(10 * time.Second)
 	for enc() != nil {
@@ -224,6 +226,7 @@ func TestAuditFailClosed(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	waitHealth(t, healthpb.NewHealthClient(s.conn), healthpb.HealthCheckResponse_SERVING)
 	k, err := s.keys.GetKey(ctx, &hsmdv1.GetKeyRequest{Tenant: "t"})
 	if err != nil || k.CurrentVersion != 1 {
 		t.Fatalf("the refused rotation happened: %v %v", k, err)
@@ -233,3 +236,4 @@ func TestAuditFailClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+

@@ -20,6 +20,8 @@ type Metrics struct {
 	hsmLatency  *prometheus.HistogramVec // op
 	ready       prometheus.Gauge
 	tpmUp       prometheus.Gauge
+	auditItems  *prometheus.CounterVec
+	auditWrite  prometheus.Histogram
 	tpmInsecure prometheus.Gauge
 	keys        *keyMetrics
 	reg         prometheus.Registerer
@@ -62,7 +64,14 @@ func NewMetrics(reg prometheus.Registerer, engineStats func() envelope.Stats) *M
 		}),
 		reg: reg,
 	}
-	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready, m.tpmUp, m.tpmInsecure)
+	m.auditItems = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "hsmd_audit_entries_total", Help: "Audit log entries written (result ok) or whose write failed and is retried (result error).",
+	}, []string{"result"})
+	m.auditWrite = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "hsmd_audit_write_duration_seconds", Help: "Time to write one batch of audit entries durably.",
+		Buckets: prometheus.ExponentialBuckets(100e-6, 2, 16),
+	})
+	reg.MustRegister(m.requests, m.items, m.latency, m.bytes, m.hsmCalls, m.hsmLatency, m.ready, m.tpmUp, m.tpmInsecure, m.auditItems, m.auditWrite)
 	m.keys = newKeyMetrics(reg)
 	if engineStats != nil {
 		cache := func(name, help, op string, f func(envelope.Stats) uint64) prometheus.Collector {
@@ -106,4 +115,14 @@ func (i *instrumentedDeriver) PRF(ctx context.Context, kdkVersion uint32, msg []
 	}
 	i.m.hsmCalls.WithLabelValues("hmac", result).Inc()
 	return out, err
+}
+
+// ObserveAuditWrite records one write of n audit entries (audit.Config.OnWrite).
+func (m *Metrics) ObserveAuditWrite(n int, d time.Duration, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	m.auditItems.WithLabelValues(result).Add(float64(n))
+	m.auditWrite.Observe(d.Seconds())
 }

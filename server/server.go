@@ -161,6 +161,12 @@ func (s *Server) checkReady(ctx context.Context) {
 			s.log.LogAttrs(ctx, slog.LevelWarn, "not ready", slog.Any("error", err))
 		}
 	}
+	if s.cfg.Audit != nil {
+		if err := s.cfg.Audit.Err(); err != nil {
+			st, v = healthpb.HealthCheckResponse_NOT_SERVING, 0
+			s.log.LogAttrs(ctx, slog.LevelWarn, "not ready: the audit log takes no entries", slog.Any("error", err))
+		}
+	}
 	for _, svc := range []string{"", hsmdv1.Envelope_ServiceDesc.ServiceName, hsmdv1.Tenants_ServiceDesc.ServiceName, hsmdv1.Keys_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(svc, st)
 	}

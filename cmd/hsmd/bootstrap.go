@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
+	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/localstate"
 	"github.com/hsmd/hsmd/store"
@@ -27,7 +29,13 @@ type parts struct {
 	hsm      *hsm.HSM
 	store    *bolt.Store
 	counter  *localstate.Counter // nil with --insecure-no-tpm
-	closers  []func() error
+	audit    *audit.Log
+	auditCtx *audit.ContextHasher
+	// auditMLDSA is the audit log's ML-DSA-44 key (also the witness's).
+	auditMLDSA []byte
+	// auditMetrics, if set, observes each write of the audit log.
+	auditMetrics func(n int, d time.Duration, err error)
+	closers      []func() error
 }
 
 func (p *parts) close() {
@@ -67,8 +75,11 @@ func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devS
 		return nil, err
 	}
 	p.closers = append(p.closers, p.store.Close)
+	if err := p.openAudit(ctx); err != nil {
+		return nil, err
+	}
 	if insecure {
-		log.Warn("running WITHOUT a TPM (--insecure-no-tpm): the HSM PIN is read from a file and the data directory is not protected against offline edits or rollback")
+		log.Warn("running WITHOUT a TPM (--insecure-no-tpm): the HSM PIN is read from a file and the data directory (store and audit log) is not protected against offline edits or rollback")
 		return p, nil
 	}
 	if err := p.bindCounter(ctx, fresh, n); err != nil {
@@ -166,6 +177,9 @@ func (p *parts) bindCounter(ctx context.Context, fresh bool, n uint64) error {
 		return counterHint(err)
 	}
 	p.counter = localstate.NewCounter(p.tpm, p.store, n)
+	if err := p.checkAnchor(ctx, n); err != nil {
+		return err
+	}
 	if n, err = p.counter.Advance(ctx); err != nil {
 		return err
 	}

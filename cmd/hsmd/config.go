@@ -35,6 +35,8 @@ type Config struct {
 	TPM      tpm.Config     `yaml:"tpm"`
 	Limits   server.Limits  `yaml:"limits"`
 	Envelope EnvelopeConfig `yaml:"envelope"`
+	Audit    AuditConfig    `yaml:"audit"`
+	Witness  WitnessConfig  `yaml:"witness"`
 	Log      LogConfig      `yaml:"log"`
 }
 
@@ -43,6 +45,10 @@ type ListenConfig struct {
 	Unix    string `yaml:"unix"`    // socket path; default <data_dir>/hsmd.sock
 	TCP     string `yaml:"tcp"`     // host:port; plaintext, so loopback only (mTLS comes with the security issue)
 	Metrics string `yaml:"metrics"` // host:port of the Prometheus /metrics endpoint
+	// Witness is the host:port of the C2SP tlog-witness HTTP endpoint
+	// (POST /add-checkpoint); not served if empty. Requests are
+	// authenticated by the logs' own signatures.
+	Witness string `yaml:"witness"`
 }
 
 // EnvelopeConfig bounds data key use (see the envelope package).
@@ -94,6 +100,7 @@ func (c *Config) applyDefaults() {
 		c.Log.Level = "info"
 	}
 	c.Limits = c.Limits.WithDefaults()
+	c.auditDefaults()
 }
 
 // validate names the YAML path of the first problem. insecure is
@@ -112,6 +119,9 @@ func (c *Config) validate(insecure bool) error {
 		}
 	}
 	if err := c.Limits.Validate(); err != nil {
+		return err
+	}
+	if err := c.validateAudit(); err != nil {
 		return err
 	}
 	switch c.Log.Level {

@@ -16,12 +16,14 @@ import (
 
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/localstate"
+	"github.com/hsmd/hsmd/server"
 )
 
 type listener struct {
 	l       net.Listener
 	name    string // as announced
 	metrics bool
+	witness bool // the tlog-witness HTTP endpoint
 }
 
 // listen opens the configured listeners: the unix socket (a stale socket
@@ -61,6 +63,13 @@ func (d *daemon) listen() ([]listener, error) {
 			return fail(withHint(fmt.Errorf("listen on %s: %w", a.addr, err), "is another hsmd running? choose other ports with --listen-tcp and --listen-metrics"))
 		}
 		ls = append(ls, listener{l: l, name: l.Addr().String(), metrics: a.metrics})
+	}
+	if c.Witness != "" {
+		l, err := net.Listen("tcp", c.Witness)
+		if err != nil {
+			return fail(fmt.Errorf("listen.witness %s: %w", c.Witness, err))
+		}
+		ls = append(ls, listener{l: l, name: l.Addr().String(), witness: true})
 	}
 	if len(ls) == 0 {
 		return nil, errors.New("no listener configured (listen.unix, listen.tcp)")
@@ -118,6 +127,8 @@ func (d *daemon) announce(env *cliEnv, ls []listener) {
 		switch {
 		case l.metrics:
 			fmt.Fprintf(w, "  metrics  http://%s/metrics\n", l.name)
+		case l.witness:
+			fmt.Fprintf(w, "  witness  http://%s%s\n", l.name, server.AddCheckpointPath)
 		case strings.HasPrefix(l.name, "unix://"):
 			fmt.Fprintf(w, "  grpc     %s\n", l.name)
 			addr = l.name

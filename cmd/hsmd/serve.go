@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -15,9 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
+	"github.com/hsmd/hsmd/signing"
 )
 
 func init() {
@@ -119,9 +123,11 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 // daemon is a running hsmd: its parts, engine, services and listeners.
 type daemon struct {
 	*parts
-	srv   *server.Server
-	reg   *prometheus.Registry
-	sched *rotation.Scheduler
+	srv        *server.Server
+	reg        *prometheus.Registry
+	sched      *rotation.Scheduler
+	witness    *signing.Witness // nil if no log is registered
+	witnessCfg server.WitnessConfig
 }
 
 // openDaemon bootstraps the parts (see bootstrap) and the services.
@@ -154,7 +160,9 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	sc := server.Config{
 		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: pt.hsm.NewestKDK(),
 		Ready: pt.hsm.Ready, InsecureNoTPM: pt.insecure, Keys: keys,
+		Audit: pt.audit, AuditContexts: pt.auditCtx,
 	}
+	pt.auditMetrics = metrics.ObserveAuditWrite
 	if pt.tpm != nil {
 		sc.TPM = pt.tpm.Ping
 		sc.RollbackCounter = pt.counter.Value
@@ -162,6 +170,18 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	if d.srv, err = server.New(sc); err != nil {
 		d.close()
 		return nil, err
+	}
+	if d.witness, d.witnessCfg, err = pt.witness(ctx); err != nil {
+		d.close()
+		return nil, err
+	}
+	detail := "rollback_counter=none (--insecure-no-tpm)"
+	if pt.counter != nil {
+		detail = fmt.Sprintf("rollback_counter=%d", pt.counter.Value())
+	}
+	if err := pt.audit.Append(ctx, audit.Entry{Kind: audit.KindSystem, Op: "start", Detail: detail}, true); err != nil {
+		d.close()
+		return nil, withHint(err, "the audit log cannot record the start: check that "+filepath.Join(c.DataDir, "audit")+" is writable and has space")
 	}
 	return d, nil
 }
@@ -193,29 +213,46 @@ func (d *daemon) keyManager(eng *envelope.Engine, dev bool) *rotation.Manager {
 	return m
 }
 
-// changed runs after committed key changes: their cached data keys go, and
-// the rollback counter advances once, so that a restored older copy of the
-// data directory (which would resurrect a destroyed version or a shredded
-// tenant) is refused.
+// changed runs after committed key changes: their cached data keys go,
+// each is recorded durably in the audit log, and the rollback counter
+// advances once (binding the audit anchor to it), so that a restored older
+// copy of the data directory (which would resurrect a destroyed version or
+// a shredded tenant, or hide the log's entries) is refused.
 func (d *daemon) changed(ctx context.Context, eng *envelope.Engine, cs ...rotation.Change) error {
 	d.srv.KeyChanged(cs...)
+	var auditErr error
 	for _, c := range cs {
 		for _, v := range c.Versions {
 			eng.Forget(c.TenantID, v)
 		}
 		d.log.Info("key change", slog.String("op", c.Op), slog.String("tenant", c.Tenant))
+		if err := server.KeyEvent(ctx, d.audit, c.Op, c.Tenant, c.Versions); err != nil && auditErr == nil {
+			auditErr = err
+		}
 	}
-	if d.counter == nil || len(cs) == 0 {
-		return nil
+	if d.counter != nil && len(cs) > 0 {
+		if _, err := d.counter.Advance(ctx); err != nil {
+			return errors.Join(auditErr, err)
+		}
 	}
-	_, err := d.counter.Advance(ctx)
-	return err
+	return auditErr
 }
 
 // serve listens and serves until ctx is done, then stops gracefully.
 func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	g := grpc.NewServer(d.srv.ServerOptions()...)
 	d.srv.Register(g)
+	var witnessHTTP http.Handler
+	if d.witness != nil {
+		ws, err := server.NewWitnessService(d.witness, d.witnessCfg)
+		if err != nil {
+			return err
+		}
+		ws.Register(g)
+		if witnessHTTP, err = server.NewWitnessHandler(d.witness, d.log); err != nil {
+			return err
+		}
+	}
 	ls, err := d.listen()
 	if err != nil {
 		return err
@@ -226,8 +263,18 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	go d.sched.Run(ctx)
 	go d.srv.WatchKeys(ctx, time.Minute)
 	errc := make(chan error, len(ls)+1)
-	var metricsSrv *http.Server
+	var metricsSrv, witnessSrv *http.Server
 	for _, l := range ls {
+		if l.witness {
+			if witnessHTTP == nil {
+				return errors.New("listen.witness is set but witness.logs registers no log")
+			}
+			mux := http.NewServeMux()
+			mux.Handle(server.AddCheckpointPath, witnessHTTP)
+			witnessSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
+			go func() { errc <- witnessSrv.Serve(l.l) }()
+			continue
+		}
 		if l.metrics {
 			mux := http.NewServeMux()
 			mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
@@ -251,8 +298,10 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	case <-time.After(10 * time.Second):
 		g.Stop()
 	}
-	if metricsSrv != nil {
-		metricsSrv.Close()
+	for _, s := range []*http.Server{metricsSrv, witnessSrv} {
+		if s != nil {
+			s.Close()
+		}
 	}
 	return err
 }
