@@ -441,14 +441,20 @@ func (l *Log) write(ctx context.Context, batch []*pending) ([]bool, error) {
 	return written, ferr
 }
 
+var quietOnce sync.Once
+
 // QuietTessera sends the log lines of tessera (klog) to logger at debug
-// level, or discards them if logger is nil.
+// level, or discards them if logger is nil. klog's logger is process-wide
+// and not safe to change while tessera runs, so only the first call has an
+// effect: make it before the first Open.
 func QuietTessera(logger ...*slog.Logger) {
-	if len(logger) > 0 && logger[0] != nil {
-		klog.SetSlogLogger(slog.New(debugOnly{logger[0].Handler()}))
-		return
-	}
-	klog.SetSlogLogger(slog.New(slog.DiscardHandler))
+	quietOnce.Do(func() {
+		if len(logger) > 0 && logger[0] != nil {
+			klog.SetSlogLogger(slog.New(debugOnly{logger[0].Handler()}))
+			return
+		}
+		klog.SetSlogLogger(slog.New(slog.DiscardHandler))
+	})
 }
 
 // debugOnly lowers every record to debug level.

@@ -78,10 +78,10 @@ func badCheckpoint(n int, format string, a ...any) error {
 //
 // It returns a *VerifyError naming the first bad entry or checkpoint.
 func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report, error) {
-	if len(verifiers) == 0 {
-		return nil, errors.New("audit verify: no verifier keys")
+	origin, err := logOrigin(verifiers)
+	if err != nil {
+		return nil, err
 	}
-	origin := verifiers[0].Name()
 	d := dirReader{filepath.Join(dir, TreeDir)}
 	var cps []ArchivedCheckpoint
 	for cp, err := range readArchive(filepath.Join(dir, CheckpointsFile)) {
@@ -231,6 +231,21 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 	return rep, nil
 }
 
+// logOrigin is the origin of the log whose verifier keys are given: their
+// common name.
+func logOrigin(verifiers []note.Verifier) (string, error) {
+	if len(verifiers) == 0 {
+		return "", errors.New("audit: no verifier keys")
+	}
+	origin := verifiers[0].Name()
+	for _, v := range verifiers[1:] {
+		if v.Name() != origin {
+			return "", fmt.Errorf("audit: the verifier keys name different logs (%q, %q): give the keys of one log", origin, v.Name())
+		}
+	}
+	return origin, nil
+}
+
 // verifyNote checks that the note n carries a valid signature from every
 // verifier (signing.Verify) and that all its signatures are in canonical
 // base64, so that no byte of a stored checkpoint can change unnoticed
@@ -304,6 +319,12 @@ func Entries(ctx context.Context, dir string, from, to uint64) iter.Seq2[*Entry,
 				return
 			}
 			for _, data := range eb.Entries[b.RangeInfo.First : b.RangeInfo.First+b.RangeInfo.N] {
+				if from >= to {
+					// tessera v1.0.4's EntryBundles may run past N when
+					// from > 0.
+					return
+				}
+				from++
 				e, err := ParseEntry(data)
 				if !yield(e, err) || err != nil {
 					return
@@ -333,12 +354,19 @@ func Prove(ctx context.Context, dir string, index uint64, verifiers []note.Verif
 	if err != nil {
 		return nil, fmt.Errorf("audit: read the checkpoint: %w", err)
 	}
-	if err := signing.Verify(raw, verifiers...); err != nil {
+	origin, err := logOrigin(verifiers)
+	if err != nil {
+		return nil, err
+	}
+	if err := verifyNote(raw, verifiers); err != nil {
 		return nil, fmt.Errorf("audit: the published checkpoint: %w", err)
 	}
 	cp, err := parseCheckpointText(raw)
 	if err != nil {
 		return nil, err
+	}
+	if cp.Origin != origin {
+		return nil, fmt.Errorf("audit: the published checkpoint is of log %q, not %q", cp.Origin, origin)
 	}
 	if index >= cp.Size {
 		return nil, fmt.Errorf("audit: entry %d is not in the newest checkpoint (size %d)", index, cp.Size)
@@ -351,6 +379,9 @@ func Prove(ctx context.Context, dir string, index uint64, verifiers []note.Verif
 		return nil, fmt.Errorf("audit: entry %d missing from its bundle", index)
 	}
 	data := b.Entries[index%256]
+	if e, err := ParseEntry(data); err != nil || e.Seq != index {
+		return nil, fmt.Errorf("audit: entry %d is malformed or misnumbered (run hsmd audit verify)", index)
+	}
 	pb, err := client.NewProofBuilder(ctx, cp.Size, d.ReadTile)
 	if err != nil {
 		return nil, err

@@ -236,4 +236,3 @@ func TestAuditFailClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-

@@ -30,7 +30,9 @@ func PeerCredentials() credentials.TransportCredentials {
 	return peerCreds{insecure.NewCredentials()}
 }
 
-type peerCreds struct{ credentials.TransportCredentials }
+type peerCreds struct {
+	credentials.TransportCredentials
+}
 
 func (p peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	uc, ok := conn.(*net.UnixConn)

@@ -12,17 +12,17 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"golang.org/x/mod/sumdb/note"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/rotation"
-	"github.com/hsmd/hsmd/signing"
 	"github.com/hsmd/hsmd/server"
+	"github.com/hsmd/hsmd/signing"
 	"github.com/hsmd/hsmd/softhsm"
 	"github.com/hsmd/hsmd/store/bolt"
 )
