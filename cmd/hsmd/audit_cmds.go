@@ -62,7 +62,6 @@ func runAudit(ctx context.Context, env *cliEnv, args []string) error {
 	return sub(ctx, env, args[1:])
 }
 
-
 // auditFlags are the flags every audit subcommand takes: where the data
 // directory is, and for some, the trusted verifier keys.
 type auditFlags struct {
