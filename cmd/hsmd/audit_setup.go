@@ -15,6 +15,7 @@ import (
 
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/internal/fsutil"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/signing"
 )
@@ -47,6 +48,11 @@ type WitnessConfig struct {
 	// Logs are the registered logs: only their checkpoints are cosigned.
 	Logs []WitnessLog `yaml:"logs"`
 }
+
+// WitnessVerifiersFile, in the data dir, lists the verifier keys of the
+// witness's signatures: the cosignature/v1 Ed25519 key first, then the
+// optional ECDSA P-256 and ML-DSA-44 ones.
+const WitnessVerifiersFile = "witness.verifiers"
 
 // WitnessLog is one registered log: its origin and its verifier key (C2SP
 // signed-note text form).
@@ -220,6 +226,11 @@ func (p *parts) witness(ctx context.Context) (*signing.Witness, server.WitnessCo
 	}
 	ml, err := signing.NewMLDSASigner(c.Name, p.auditMLDSA)
 	if err != nil {
+		return nil, server.WitnessConfig{}, err
+	}
+	// The verifier keys of the witness's signatures, for its users.
+	vkeys := cosigner.VerifierKey() + "\n" + ecs.VerifierKey() + "\n" + ml.VerifierKey() + "\n"
+	if err := fsutil.WriteFileAtomic(filepath.Join(p.cfg.DataDir, WitnessVerifiersFile), []byte(vkeys), 0o644); err != nil {
 		return nil, server.WitnessConfig{}, err
 	}
 	w := &signing.Witness{Signer: cosigner, Logs: logs, State: state}
