@@ -58,7 +58,7 @@ const (
 	DefaultMaxBatch           = 1024
 	DefaultQueueLimit         = 1 << 16
 	DefaultTimeout            = 5 * time.Second
-	DefaultCheckpointInterval = time.Second
+	DefaultCheckpointInterval = 5 * time.Second
 )
 
 // Config configures a Log. Dir and Signers are required.
@@ -80,7 +80,7 @@ type Config struct {
 	// a durable entry, for its confirmation (default 5s).
 	Timeout time.Duration
 	// CheckpointInterval is how often a grown log publishes a new
-	// checkpoint (default 1s, at least 100ms).
+	// checkpoint (default 5s, at least 100ms).
 	CheckpointInterval time.Duration
 	// OnWrite, if set, is called after each attempt to write a batch of n
 	// entries, with its duration and error.

@@ -32,7 +32,7 @@ type AuditConfig struct {
 	// it the call fails with UNAVAILABLE.
 	Timeout time.Duration `yaml:"timeout"`
 	// CheckpointInterval is how often a grown log publishes a signed
-	// checkpoint (default 1s, at least 100ms).
+	// checkpoint (default 5s, at least 100ms).
 	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
 	// QueueLimit bounds the entries waiting to be written (default 65536).
 	QueueLimit int `yaml:"queue_limit"`

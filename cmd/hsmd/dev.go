@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/internal/fsutil"
@@ -33,10 +34,15 @@ type devSetup struct {
 // With a TPM no PIN is ever written to disk: a new token's user PIN is
 // returned for sealing, its SO PIN is discarded (a dev token needs none).
 // With --insecure-no-tpm the PINs are kept in 0600 files under
-// <data_dir>/softhsm, as a dev-only convenience.
+// <data_dir>/softhsm, as a dev-only convenience. Audit checkpoints are
+// published every second (so a stop, which waits for the final one, is
+// quick).
 func devProfile(c *Config, insecure bool, logf func(string, ...any)) (devSetup, error) {
 	if c.Listen.TCP == "" {
 		c.Listen.TCP = DefaultTCPAddr
+	}
+	if c.Audit.CheckpointInterval == 0 {
+		c.Audit.CheckpointInterval = time.Second
 	}
 	if c.Listen.Metrics == "" {
 		c.Listen.Metrics = DefaultMetricsAddr
