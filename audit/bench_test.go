@@ -51,7 +51,7 @@ func (m *benchEntries) entry() Entry {
 }
 
 // openBenchLog opens a log in a temp dir with hsmd's defaults (batches of
-// up to 1024, a checkpoint at most every second) and software signers, and
+// up to 1024, DefaultCheckpointInterval) and software signers, and
 // counts its batch writes and their time in w.
 func openBenchLog(b *testing.B, w *writeStats) *Log {
 	b.Helper()
