@@ -26,6 +26,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,6 +57,7 @@ const (
 // Defaults of Config.
 const (
 	DefaultMaxBatch           = 1024
+	DefaultLinger             = 10 * time.Millisecond
 	DefaultQueueLimit         = 1 << 16
 	DefaultTimeout            = 5 * time.Second
 	DefaultCheckpointInterval = 5 * time.Second
@@ -73,6 +75,10 @@ type Config struct {
 	Sync bool
 	// MaxBatch bounds the entries written in one go (default 1024).
 	MaxBatch int
+	// Linger is how long the writer waits for more entries before writing
+	// a batch nobody waits for (default 10ms; negative: never). A durable
+	// entry is written without lingering.
+	Linger time.Duration
 	// QueueLimit bounds the entries waiting to be written (default 65536);
 	// Append waits for room at most Timeout.
 	QueueLimit int
@@ -131,6 +137,9 @@ func Open(ctx context.Context, cfg Config) (*Log, error) {
 	}
 	if cfg.QueueLimit <= 0 {
 		cfg.QueueLimit = DefaultQueueLimit
+	}
+	if cfg.Linger == 0 {
+		cfg.Linger = DefaultLinger
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = DefaultTimeout
@@ -313,15 +322,7 @@ func (l *Log) run(ctx context.Context) {
 				continue
 			}
 		}
-		for len(batch) < l.cfg.MaxBatch {
-			select {
-			case p := <-l.queue:
-				batch = append(batch, p)
-				continue
-			default:
-			}
-			break
-		}
+		batch = l.gather(batch)
 		start := time.Now()
 		written, err := l.write(ctx, batch)
 		if f := l.cfg.OnWrite; f != nil {
@@ -367,6 +368,42 @@ func (l *Log) run(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// gather adds queued entries to batch, up to MaxBatch. While nobody waits
+// for an entry of the batch, it lingers up to Config.Linger for more, so
+// that a steady data plane is written in fewer, larger writes (each costs
+// a few synchronous file writes whatever its size).
+func (l *Log) gather(batch []*pending) []*pending {
+	waited := slices.ContainsFunc(batch, func(p *pending) bool { return p.done != nil })
+	var linger <-chan time.Time
+	for len(batch) < l.cfg.MaxBatch {
+		select {
+		case p := <-l.queue:
+			batch = append(batch, p)
+			waited = waited || p.done != nil
+			continue
+		default:
+		}
+		if waited || l.cfg.Linger <= 0 {
+			return batch
+		}
+		if linger == nil {
+			t := time.NewTimer(l.cfg.Linger)
+			defer t.Stop()
+			linger = t.C
+		}
+		select {
+		case p := <-l.queue:
+			batch = append(batch, p)
+			waited = waited || p.done != nil
+		case <-linger:
+			return batch
+		case <-l.stop:
+			return batch
+		}
+	}
+	return batch
 }
 
 // notify tells a waiting Append the outcome, once.
