@@ -475,3 +475,33 @@ func runCmd(name string, args ...string) error {
 	}
 	return nil
 }
+
+// TestLinger: entries nobody waits for are gathered into one write while
+// the writer lingers; a durable entry ends the lingering at once.
+func TestLinger(t *testing.T) {
+	tl := newTestLog(t)
+	var mu sync.Mutex
+	var writes []int
+	l := tl.open(t, func(c *Config) {
+		c.Linger = 2 * time.Second
+		c.OnWrite = func(n int, _ time.Duration, _ error) {
+			mu.Lock()
+			writes = append(writes, n)
+			mu.Unlock()
+		}
+	})
+	appendN(t, l, 0, 10, false)
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	appendN(t, l, 10, 1, true)
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("a durable append waited %v behind the linger", d)
+	}
+	mu.Lock()
+	got := append([]int(nil), writes...)
+	mu.Unlock()
+	if len(got) != 1 || got[0] != 11 {
+		t.Fatalf("writes %v, want one of 11 entries", got)
+	}
+	closeLog(t, l)
+}
