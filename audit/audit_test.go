@@ -505,3 +505,40 @@ func TestLinger(t *testing.T) {
 	}
 	closeLog(t, l)
 }
+
+// TestVerifyAcrossKeyRotation: after the classical signing keys rotate,
+// the log verifies with the old and new keys listed together (one valid
+// signature per key type), and not with the new keys alone.
+func TestVerifyAcrossKeyRotation(t *testing.T) {
+	tl := newTestLog(t)
+	l := tl.open(t, nil)
+	appendN(t, l, 0, 3, true)
+	closeLog(t, l)
+	newer, newKeys := softSigners(t)
+	tl.signers = []note.Signer{newer[0], newer[1], tl.signers[2]} // ML-DSA kept
+	l = tl.open(t, nil)
+	appendN(t, l, 3, 3, true)
+	closeLog(t, l)
+	if err := WriteVerifiers(tl.dir, tl.vkeys); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteVerifiers(tl.dir, []string{newKeys[0], newKeys[1], tl.vkeys[2]}); err != nil {
+		t.Fatal(err)
+	}
+	all, err := ReadVerifiers(tl.dir)
+	if err != nil || len(all) != 5 {
+		t.Fatalf("verifiers file: %v %v", all, err)
+	}
+	vs, err := ParseVerifiers(all)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := Verify(context.Background(), tl.dir, vs); err != nil || rep.Size != 6 {
+		t.Fatalf("Verify with old and new keys: %+v %v", rep, err)
+	}
+	only, _ := ParseVerifiers([]string{newKeys[0], newKeys[1], tl.vkeys[2]})
+	var ve *VerifyError
+	if _, err := Verify(context.Background(), tl.dir, only); !errors.As(err, &ve) || ve.Checkpoint != 0 {
+		t.Fatalf("Verify with the new keys only: %v", err)
+	}
+}

@@ -2,6 +2,7 @@ package audit
 
 import (
 	"context"
+	"encoding/base64"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	tnote "github.com/transparency-dev/formats/note"
@@ -112,11 +114,21 @@ func VerifierKeys(signers []note.Signer) []string {
 	return out
 }
 
-// WriteVerifiers writes the verifier keys of the log's signers to
+// WriteVerifiers adds the verifier keys of the log's signers to
 // VerifiersFile in dir, one per line, for `hsmd audit keys` and `hsmd
-// audit verify`. They are public.
+// audit verify`; keys already listed stay (after a signing key rotation
+// the older checkpoints still need the older keys). They are public.
 func WriteVerifiers(dir string, vkeys []string) error {
-	return fsutil.WriteFileAtomic(filepath.Join(dir, VerifiersFile), []byte(strings.Join(vkeys, "\n")+"\n"), 0o644)
+	all, err := ReadVerifiers(dir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for _, k := range vkeys {
+		if !slices.Contains(all, k) {
+			all = append(all, k)
+		}
+	}
+	return fsutil.WriteFileAtomic(filepath.Join(dir, VerifiersFile), []byte(strings.Join(all, "\n")+"\n"), 0o644)
 }
 
 // ReadVerifiers reads the verifier keys WriteVerifiers wrote.
@@ -136,7 +148,10 @@ func ReadVerifiers(dir string) ([]string, error) {
 
 // ParseVerifiers parses verifier keys of any type hsmd signs with
 // (Ed25519 0x01, ECDSA P-256 0x02, ML-DSA-44 cosignature/v1 0x06, and
-// Ed25519 cosignature/v1 0x04).
+// Ed25519 cosignature/v1 0x04). The verifiers remember their key's type:
+// Verify and Prove demand, of each checkpoint, a valid signature by one
+// key of every type given (several keys of a type: the versions of a
+// rotated key).
 func ParseVerifiers(vkeys []string) ([]note.Verifier, error) {
 	out := make([]note.Verifier, 0, len(vkeys))
 	for _, k := range vkeys {
@@ -144,7 +159,24 @@ func ParseVerifiers(vkeys []string) ([]note.Verifier, error) {
 		if err != nil {
 			return nil, fmt.Errorf("audit: verifier key %q: %w", k, err)
 		}
-		out = append(out, v)
+		out = append(out, typedVerifier{v, keyType(k)})
 	}
 	return out, nil
+}
+
+// typedVerifier is a verifier that knows its key's signature type.
+type typedVerifier struct {
+	note.Verifier
+	typ byte
+}
+
+// keyType is the signature type byte of a verifier key, or 0.
+func keyType(vkey string) byte {
+	_, rest, _ := strings.Cut(vkey, "+")
+	_, b64, _ := strings.Cut(rest, "+")
+	b, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil || len(b) == 0 {
+		return 0
+	}
+	return b[0]
 }

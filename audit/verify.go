@@ -212,9 +212,11 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 			}
 			return out, nil
 		}
+		// fsck checks the newest checkpoint with one verifier: one that
+		// signed it.
 		var primary note.Verifier
 		for _, v := range verifiers {
-			if v.Name() == origin {
+			if signing.Verify(newest.Note, v) == nil {
 				primary = v
 				break
 			}
@@ -252,7 +254,7 @@ func logOrigin(verifiers []note.Verifier) (string, error) {
 // (lenient base64 decoding ignores the padding bits of the last
 // character).
 func verifyNote(n []byte, verifiers []note.Verifier) error {
-	if err := signing.Verify(n, verifiers...); err != nil {
+	if err := verifyByType(n, verifiers); err != nil {
 		return fmt.Errorf("signature: %w", err)
 	}
 	_, sigs, _ := bytes.Cut(n, []byte("\n\n"))
@@ -263,6 +265,48 @@ func verifyNote(n []byte, verifiers []note.Verifier) error {
 		}
 		if _, err := base64.StdEncoding.Strict().DecodeString(f[2]); err != nil {
 			return fmt.Errorf("signature by %s is not canonical base64", f[1])
+		}
+	}
+	return nil
+}
+
+// verifyByType checks that n is signed by every verifier, except that
+// verifiers of one known signature type (from ParseVerifiers) are
+// alternatives: one valid signature per type suffices.
+func verifyByType(n []byte, verifiers []note.Verifier) error {
+	groups := map[byte][]note.Verifier{}
+	var plain []note.Verifier
+	for _, v := range verifiers {
+		if tv, ok := v.(typedVerifier); ok && tv.typ != 0 {
+			groups[tv.typ] = append(groups[tv.typ], v)
+		} else {
+			plain = append(plain, v)
+		}
+	}
+	if len(plain) > 0 {
+		if err := signing.Verify(n, plain...); err != nil {
+			return err
+		}
+	}
+	for typ, vs := range groups {
+		var first error
+		ok := false
+		for _, v := range vs {
+			err := signing.Verify(n, v)
+			if err == nil {
+				ok = true
+				break
+			}
+			var inv *note.InvalidSignatureError
+			if errors.As(err, &inv) {
+				return err // a signature claiming a given key fails
+			}
+			if first == nil {
+				first = err
+			}
+		}
+		if !ok {
+			return fmt.Errorf("no valid signature by a key of type %#02x: %w", typ, first)
 		}
 	}
 	return nil
