@@ -12,6 +12,23 @@
 // LoadKeys looks them up once by label; PRF, WrapSeal/WrapOpen and Signer use
 // them.
 //
+// # Key versions and ceremonies
+//
+// Each kind may have several versions, hsmd/<kind>/vN. CreateRoots
+// generates a version inside the HSM (no backup); ImportRoots creates one
+// from RootMaterial drawn outside it (NewRootMaterial, Marshal and
+// ParseRootMaterial let a ceremony split it among custodians and restore
+// it onto another token), with the same attributes. Both refuse an
+// existing label and check every new key (against the material's known
+// answers when imported) before returning; on failure they destroy what
+// they made. DestroyRoot removes a version but never the last one of a
+// kind; RootVersions lists what the token holds. These changes are
+// serialised within the process and update the loaded keys at once:
+// NewestKDK, Signer and WrapSeal use the newest version of their kind, PRF
+// and SignerVersion the version asked for, and WrapOpen the version named
+// in the sealed blob (hsmd/wrap/v1 for blobs without one). Erasure of
+// RootMaterial is best effort.
+//
 // # Concurrency and deadlines
 //
 // An HSM is safe for concurrent use. It keeps a fixed pool of

@@ -63,6 +63,17 @@ var (
 	ErrKeyNotFound = errors.New("hsm: key not found")
 	// ErrKeysExist: InitKeys found hsmd keys on the token and created nothing.
 	ErrKeysExist = errors.New("hsm: hsmd keys already exist on the token")
+	// ErrKeyExists: ImportRoots or CreateRoots found an object with a label
+	// it was to create, and created nothing. The wrapping message names the
+	// labels.
+	ErrKeyExists = errors.New("hsm: key already exists")
+	// ErrLastVersion: DestroyRoot refused to destroy the only remaining
+	// version of a key kind.
+	ErrLastVersion = errors.New("hsm: refusing to destroy the last version of a key")
+	// ErrInvalidMaterial: root material is malformed (wrong size, unknown
+	// format version, invalid P-256 scalar). The message never holds key
+	// bytes.
+	ErrInvalidMaterial = errors.New("hsm: invalid root material")
 	// ErrWrapOpen: WrapOpen failed. Authentication failures return exactly
 	// this error, with no detail.
 	ErrWrapOpen = errors.New("hsm: cannot open wrapped data")

@@ -1,10 +1,11 @@
 package hsm
 
 import (
-	"crypto/ecdsa"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 
@@ -19,7 +20,7 @@ const (
 	KindSigEd25519 = "sig-ed25519" // Ed25519 signing key pair
 )
 
-// Labels of the root keys InitKeys creates.
+// Labels of the root keys InitKeys creates (version 1).
 const (
 	LabelKDKv1        = "hsmd/kdk/v1"
 	LabelWrapv1       = "hsmd/wrap/v1"
@@ -42,7 +43,7 @@ const (
 // DER encodings of the curve OIDs for CKA_EC_PARAMS.
 var (
 	oidP256    = []byte{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07} // 1.2.840.10045.3.1.7
-	oidEd25519 = []byte{0x06, 0x03, 0x2b, 0x65, 0x70}                               // 1.3.101.112 (SoftHSM 2.6 accepts the OID form)
+	oidEd25519 = []byte{0x06, 0x03, 0x2b, 0x65, 0x70}                               // 1.3.101.112 (SoftHSM 2.6.1 accepts the OID form for generation and for C_CreateObject)
 )
 
 // KeyLabel returns the CKA_LABEL of key kind at version, e.g.
@@ -63,27 +64,108 @@ func KeyID(label string) []byte {
 	return sum[:8]
 }
 
-// parseKDKLabel returns the version of a "hsmd/kdk/vN" label.
-func parseKDKLabel(label string) (uint32, bool) {
-	rest, ok := strings.CutPrefix(label, labelPrefix+KindKDK+"/v")
+// parseLabel splits a root key label "hsmd/<kind>/v<N>" (N > 0, in
+// canonical decimal, kind without "/").
+func parseLabel(label string) (kind string, version uint32, ok bool) {
+	rest, ok := strings.CutPrefix(label, labelPrefix)
 	if !ok {
-		return 0, false
+		return "", 0, false
 	}
-	v, err := strconv.ParseUint(rest, 10, 32)
-	if err != nil || v == 0 || strconv.FormatUint(v, 10) != rest {
-		return 0, false
+	kind, num, ok := strings.Cut(rest, "/v")
+	if !ok || kind == "" || strings.Contains(kind, "/") {
+		return "", 0, false
 	}
-	return uint32(v), true
+	v, err := strconv.ParseUint(num, 10, 32)
+	if err != nil || v == 0 || strconv.FormatUint(v, 10) != num {
+		return "", 0, false
+	}
+	return kind, uint32(v), true
 }
 
-// keySet holds the handles LoadKeys found. It is immutable once built.
+// kindSpec describes the PKCS#11 objects of one key kind.
+type kindSpec struct {
+	kind    string
+	class   uint // class of the key object: CKO_SECRET_KEY or CKO_PRIVATE_KEY
+	keyType uint
+	pair    bool   // a public object with the same label and CKA_ID goes with it
+	curve   []byte // CKA_EC_PARAMS of a pair
+	genMech uint   // generation mechanism
+}
+
+// rootKinds are the kinds of root keys, in the order they are created.
+var rootKinds = []kindSpec{
+	{kind: KindKDK, class: pkcs11.CKO_SECRET_KEY, keyType: pkcs11.CKK_GENERIC_SECRET, genMech: pkcs11.CKM_GENERIC_SECRET_KEY_GEN},
+	{kind: KindWrap, class: pkcs11.CKO_SECRET_KEY, keyType: pkcs11.CKK_AES, genMech: pkcs11.CKM_AES_KEY_GEN},
+	{kind: KindSigP256, class: pkcs11.CKO_PRIVATE_KEY, keyType: pkcs11.CKK_EC, pair: true, curve: oidP256, genMech: pkcs11.CKM_EC_KEY_PAIR_GEN},
+	{kind: KindSigEd25519, class: pkcs11.CKO_PRIVATE_KEY, keyType: ckkECEdwards, pair: true, curve: oidEd25519, genMech: ckmECEdwardsKeyPairGen},
+}
+
+// RootKinds returns the kinds of root keys: KindKDK, KindWrap,
+// KindSigP256 and KindSigEd25519.
+func RootKinds() []string {
+	out := make([]string, len(rootKinds))
+	for i, k := range rootKinds {
+		out[i] = k.kind
+	}
+	return out
+}
+
+func specOf(kind string) (kindSpec, bool) {
+	for _, k := range rootKinds {
+		if k.kind == kind {
+			return k, true
+		}
+	}
+	return kindSpec{}, false
+}
+
+// rootKey is one loaded root key: the handle of its secret or private
+// object and, for a signing pair, the public key read from the token.
+type rootKey struct {
+	obj pkcs11.ObjectHandle
+	pub crypto.PublicKey
+}
+
+// keySet holds the handles LoadKeys found, by kind and version. It is
+// immutable once built.
 type keySet struct {
-	kdk     map[uint32]pkcs11.ObjectHandle
-	wrap    pkcs11.ObjectHandle
-	p256    pkcs11.ObjectHandle
-	p256Pub *ecdsa.PublicKey
-	ed      pkcs11.ObjectHandle
-	edPub   ed25519.PublicKey
+	byKind map[string]map[uint32]rootKey
+}
+
+// get returns the key of kind at version.
+func (ks *keySet) get(kind string, v uint32) (rootKey, bool) {
+	k, ok := ks.byKind[kind][v]
+	return k, ok
+}
+
+// newest returns the highest loaded version of kind, or 0 if there is none.
+func (ks *keySet) newest(kind string) uint32 {
+	var n uint32
+	for v := range ks.byKind[kind] {
+		n = max(n, v)
+	}
+	return n
+}
+
+// lowest returns the lowest loaded version of kind, or 0 if there is none.
+func (ks *keySet) lowest(kind string) uint32 {
+	var n uint32
+	for v := range ks.byKind[kind] {
+		if n == 0 || v < n {
+			n = v
+		}
+	}
+	return n
+}
+
+// without returns a copy of ks without kind at version.
+func (ks *keySet) without(kind string, v uint32) *keySet {
+	out := &keySet{byKind: make(map[string]map[uint32]rootKey, len(ks.byKind))}
+	for k, vs := range ks.byKind {
+		out.byKind[k] = maps.Clone(vs)
+	}
+	delete(out.byKind[kind], v)
+	return out
 }
 
 func (h *HSM) loadedKeys() (*keySet, error) {
@@ -130,27 +212,25 @@ func secretKeyAttrs(label string) []*pkcs11.Attribute {
 	)
 }
 
-func kdkTemplate(label string) []*pkcs11.Attribute {
-	return append(secretKeyAttrs(label),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-		// 32 bytes: the HMAC-SHA256 key length SoftHSM requires at least.
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-		// HMAC is a PKCS#11 sign operation; hsmd only ever computes it
-		// (C_Sign), never checks one, so C_Verify is off (SoftHSM would
-		// default it to on).
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		// Not a cipher key.
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-	)
-}
-
-func wrapTemplate(label string) []*pkcs11.Attribute {
-	return append(secretKeyAttrs(label),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		// AES-256.
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+// secretTemplate returns the template of the secret key of spec (kdk or
+// wrap) labelled label, without its size or value: generation adds
+// CKA_VALUE_LEN, import CKA_VALUE, so that generated and imported keys get
+// the same attributes.
+func secretTemplate(spec kindSpec, label string) []*pkcs11.Attribute {
+	t := append(secretKeyAttrs(label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, spec.keyType))
+	if spec.kind == KindKDK {
+		return append(t,
+			// HMAC is a PKCS#11 sign operation; hsmd only ever computes it
+			// (C_Sign), never checks one, so C_Verify is off (SoftHSM would
+			// default it to on).
+			pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+			// Not a cipher key.
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+		)
+	}
+	return append(t,
 		// AES-GCM encrypt/decrypt of data, nothing else.
 		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
@@ -159,23 +239,30 @@ func wrapTemplate(label string) []*pkcs11.Attribute {
 	)
 }
 
+// rootSecretSize is the size of every root secret: the HMAC-SHA256 key
+// length SoftHSM requires at least, AES-256, and the Ed25519 seed and
+// P-256 scalar.
+const rootSecretSize = 32
+
 // keyPairTemplates returns the public and private templates of an EC or
-// EdDSA signing key pair on curve (DER OID).
-func keyPairTemplates(label string, keyType uint, curve []byte) (pub, priv []*pkcs11.Attribute) {
+// EdDSA signing key pair of spec labelled label, without key values:
+// import adds CKA_EC_POINT to the public template and CKA_EC_PARAMS and
+// CKA_VALUE to the private one.
+func keyPairTemplates(spec kindSpec, label string) (pub, priv []*pkcs11.Attribute) {
 	pub = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, spec.keyType),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, KeyID(label)),
 		// Persistent, readable without login (it is public), verify only.
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, curve),
+		pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, spec.curve),
 	}
 	priv = append(rootKeyAttrs(label),
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, spec.keyType),
 		// Signs; nothing else.
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
@@ -183,16 +270,13 @@ func keyPairTemplates(label string, keyType uint, curve []byte) (pub, priv []*pk
 	return pub, priv
 }
 
-// NewestKDK returns the highest kdk version LoadKeys found: new tenant key
-// versions derive from it. It returns 0 before LoadKeys.
+// NewestKDK returns the highest kdk version loaded: new tenant key
+// versions derive from it. It returns 0 before LoadKeys. ImportRoots,
+// CreateRoots and DestroyRoot update it.
 func (h *HSM) NewestKDK() uint32 {
 	ks, err := h.loadedKeys()
 	if err != nil {
 		return 0
 	}
-	var n uint32
-	for v := range ks.kdk {
-		n = max(n, v)
-	}
-	return n
+	return ks.newest(KindKDK)
 }

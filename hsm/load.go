@@ -2,12 +2,13 @@ package hsm
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"encoding/asn1"
-	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/miekg/pkcs11"
 )
@@ -58,93 +59,180 @@ func objectLabel(m Module, s pkcs11.SessionHandle, o pkcs11.ObjectHandle) (strin
 	return string(attrs[0].Value), nil
 }
 
+// tokenObject is a key object on the token with a root key label.
+type tokenObject struct {
+	handle  pkcs11.ObjectHandle
+	class   uint
+	keyType uint
+}
+
+// tokenRoots are the key objects with root key labels on a token, by kind
+// and version (kinds this package does not know included).
+type tokenRoots map[string]map[uint32][]tokenObject
+
+// scanRoots finds every secret, private and public key object whose label
+// parses as "hsmd/<kind>/v<N>".
+func scanRoots(m Module, s pkcs11.SessionHandle) (tokenRoots, error) {
+	found := tokenRoots{}
+	for _, class := range []uint{pkcs11.CKO_SECRET_KEY, pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
+		hs, err := findObjects(m, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range hs {
+			a, err := m.GetAttributeValue(s, o, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
+			})
+			if err != nil {
+				return nil, err
+			}
+			kind, v, ok := parseLabel(string(a[0].Value))
+			if !ok {
+				continue
+			}
+			if found[kind] == nil {
+				found[kind] = map[uint32][]tokenObject{}
+			}
+			found[kind][v] = append(found[kind][v], tokenObject{o, class, bytesToUint(a[1].Value)})
+		}
+	}
+	return found, nil
+}
+
+// versions returns the versions of kind found, ascending.
+func (r tokenRoots) versions(kind string) []uint32 {
+	vs := make([]uint32, 0, len(r[kind]))
+	for v := range r[kind] {
+		vs = append(vs, v)
+	}
+	slices.Sort(vs)
+	return vs
+}
+
+// split checks that objs are exactly the objects of one key of spec and
+// returns the key object and, for a pair, the public object.
+func (spec kindSpec) split(label string, objs []tokenObject) (key, pub pkcs11.ObjectHandle, err error) {
+	var nKey, nPub int
+	for _, o := range objs {
+		switch {
+		case o.keyType != spec.keyType:
+			return 0, 0, fmt.Errorf("hsm: %s has key type 0x%x, want 0x%x", label, o.keyType, spec.keyType)
+		case o.class == spec.class:
+			key, nKey = o.handle, nKey+1
+		case spec.pair && o.class == pkcs11.CKO_PUBLIC_KEY:
+			pub, nPub = o.handle, nPub+1
+		default:
+			return 0, 0, fmt.Errorf("hsm: %s: unexpected object of class 0x%x", label, o.class)
+		}
+	}
+	switch {
+	case nKey == 0:
+		return 0, 0, fmt.Errorf("%w: %s", ErrKeyNotFound, label)
+	case spec.pair && nPub == 0:
+		return 0, 0, fmt.Errorf("%w: public key %s", ErrKeyNotFound, label)
+	case nKey > 1 || nPub > 1:
+		return 0, 0, fmt.Errorf("hsm: several objects labelled %s of the same class; labels must be unique", label)
+	}
+	return key, pub, nil
+}
+
+// buildKeySet loads every key of a known kind in found, checking that each
+// is complete and of the right type. A kind may have no version.
+func buildKeySet(m Module, s pkcs11.SessionHandle, found tokenRoots) (*keySet, error) {
+	ks := &keySet{byKind: map[string]map[uint32]rootKey{}}
+	for _, spec := range rootKinds {
+		ks.byKind[spec.kind] = map[uint32]rootKey{}
+		for _, v := range found.versions(spec.kind) {
+			label := KeyLabel(spec.kind, v)
+			key, pubObj, err := spec.split(label, found[spec.kind][v])
+			if err != nil {
+				return nil, err
+			}
+			k := rootKey{obj: key}
+			if spec.pair {
+				if k.pub, err = readPublic(m, s, spec, label, pubObj); err != nil {
+					return nil, err
+				}
+			}
+			ks.byKind[spec.kind][v] = k
+		}
+	}
+	return ks, nil
+}
+
 // LoadKeys looks up the hsmd keys on the token once and keeps their
-// handles: every "hsmd/kdk/vN" (at least one), hsmd/wrap/v1,
-// hsmd/sig-p256/v1 and hsmd/sig-ed25519/v1 with their public keys. A missing
-// key gives an error wrapping ErrKeyNotFound that names its label. Call it
-// once at start-up (serve) or again after keys were added; it is safe for
-// concurrent use with other operations, which see the old or the new set.
+// handles: every version of hsmd/kdk/vN, hsmd/wrap/vN, hsmd/sig-p256/vN and
+// hsmd/sig-ed25519/vN, with the public keys of the signing pairs. Each kind
+// needs at least one version; a missing kind gives an error wrapping
+// ErrKeyNotFound that names its label. A key of the wrong type, half a key
+// pair or two objects of one class with the same label is an error too.
+// Call it once at start-up (serve) or again after keys were added by
+// another process; ImportRoots, CreateRoots and DestroyRoot update the
+// loaded keys themselves. It is safe for concurrent use with other
+// operations, which see the old or the new set.
 func (h *HSM) LoadKeys(ctx context.Context) error {
-	var ks *keySet
-	err := h.do(ctx, "load keys", func(m Module, s pkcs11.SessionHandle) error {
-		var err error
-		ks, err = loadKeySet(m, s)
-		return err
-	})
+	ks, err := h.scanKeySet(ctx, "load keys")
 	if err != nil {
 		return err
+	}
+	for _, spec := range rootKinds {
+		if len(ks.byKind[spec.kind]) == 0 {
+			return fmt.Errorf("%w: %s (no key labelled %s/vN)", ErrKeyNotFound, KeyLabel(spec.kind, 1), labelPrefix+spec.kind)
+		}
 	}
 	h.keys.Store(ks)
 	return nil
 }
 
-func loadKeySet(m Module, s pkcs11.SessionHandle) (*keySet, error) {
-	kdk, err := findKDKs(m, s)
-	if err != nil {
-		return nil, err
-	}
-	ks := &keySet{kdk: kdk}
-	if ks.wrap, err = findOne(m, s, pkcs11.CKO_SECRET_KEY, LabelWrapv1); err != nil {
-		return nil, err
-	}
-	if ks.p256, err = findOne(m, s, pkcs11.CKO_PRIVATE_KEY, LabelSigP256v1); err != nil {
-		return nil, err
-	}
-	if ks.ed, err = findOne(m, s, pkcs11.CKO_PRIVATE_KEY, LabelSigEd25519v1); err != nil {
-		return nil, err
-	}
-	point, err := publicPoint(m, s, LabelSigP256v1)
-	if err != nil {
-		return nil, err
-	}
-	if ks.p256Pub, err = ecdsa.ParseUncompressedPublicKey(elliptic.P256(), point); err != nil {
-		return nil, fmt.Errorf("hsm: public key %s: %w", LabelSigP256v1, err)
-	}
-	if point, err = publicPoint(m, s, LabelSigEd25519v1); err != nil {
-		return nil, err
-	}
-	if len(point) != ed25519.PublicKeySize {
-		return nil, fmt.Errorf("hsm: public key %s: %d bytes, want %d", LabelSigEd25519v1, len(point), ed25519.PublicKeySize)
-	}
-	ks.edPub = ed25519.PublicKey(point)
-	return ks, nil
-}
-
-// findKDKs returns every generic secret labelled "hsmd/kdk/vN" by version.
-func findKDKs(m Module, s pkcs11.SessionHandle) (map[uint32]pkcs11.ObjectHandle, error) {
-	hs, err := findObjects(m, s, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_GENERIC_SECRET),
-	})
-	if err != nil {
-		return nil, err
-	}
-	kdk := map[uint32]pkcs11.ObjectHandle{}
-	for _, o := range hs {
-		label, err := objectLabel(m, s, o)
+// scanKeySet reads the root keys from the token.
+func (h *HSM) scanKeySet(ctx context.Context, op string) (*keySet, error) {
+	var ks *keySet
+	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+		found, err := scanRoots(m, s)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if v, ok := parseKDKLabel(label); ok {
-			if _, dup := kdk[v]; dup {
-				return nil, fmt.Errorf("hsm: several keys labelled %s; labels must be unique", label)
-			}
-			kdk[v] = o
-		}
-	}
-	if len(kdk) == 0 {
-		return nil, fmt.Errorf("%w: %s (no key labelled %s/vN)", ErrKeyNotFound, LabelKDKv1, labelPrefix+KindKDK)
-	}
-	return kdk, nil
+		ks, err = buildKeySet(m, s, found)
+		return err
+	})
+	return ks, err
 }
 
-// publicPoint reads CKA_EC_POINT of the public key labelled label and
-// removes its DER OCTET STRING wrapping (some modules return it bare).
-func publicPoint(m Module, s pkcs11.SessionHandle, label string) ([]byte, error) {
-	o, err := findOne(m, s, pkcs11.CKO_PUBLIC_KEY, label)
+// refreshKeys replaces the loaded keys with those on the token after this
+// HSM changed them; unlike LoadKeys it accepts a kind without keys. It
+// runs even if ctx was cancelled (the change is made), within CallTimeout.
+func (h *HSM) refreshKeys(ctx context.Context, op string) error {
+	ks, err := h.scanKeySet(context.WithoutCancel(ctx), op)
+	if err != nil {
+		return fmt.Errorf("hsm: %s: the token was changed but reloading its keys failed (call LoadKeys): %w", op, err)
+	}
+	h.keys.Store(ks)
+	return nil
+}
+
+// readPublic reads the public key of a signing pair from its public object.
+func readPublic(m Module, s pkcs11.SessionHandle, spec kindSpec, label string, o pkcs11.ObjectHandle) (crypto.PublicKey, error) {
+	point, err := publicPoint(m, s, label, o)
 	if err != nil {
 		return nil, err
 	}
+	if spec.kind == KindSigEd25519 {
+		if len(point) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("hsm: public key %s: %d bytes, want %d", label, len(point), ed25519.PublicKeySize)
+		}
+		return ed25519.PublicKey(point), nil
+	}
+	pub, err := ecdsa.ParseUncompressedPublicKey(elliptic.P256(), point)
+	if err != nil {
+		return nil, fmt.Errorf("hsm: public key %s: %w", label, err)
+	}
+	return pub, nil
+}
+
+// publicPoint reads CKA_EC_POINT of the public key object o labelled label
+// and removes its DER OCTET STRING wrapping (some modules return it bare).
+func publicPoint(m Module, s pkcs11.SessionHandle, label string, o pkcs11.ObjectHandle) ([]byte, error) {
 	attrs, err := m.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, nil)})
 	if err != nil {
 		return nil, err
@@ -158,78 +246,4 @@ func publicPoint(m Module, s pkcs11.SessionHandle, label string) ([]byte, error)
 		return nil, fmt.Errorf("hsm: public key %s: malformed CKA_EC_POINT", label)
 	}
 	return point, nil
-}
-
-// KeyInfo describes the protection attributes of a key.
-type KeyInfo struct {
-	Label         string
-	ID            []byte
-	Class         uint // CKO_SECRET_KEY or CKO_PRIVATE_KEY
-	KeyType       uint // CKK_*
-	Token         bool // CKA_TOKEN: persistent on the token
-	Private       bool // CKA_PRIVATE: needs login
-	Sensitive     bool // CKA_SENSITIVE: value never readable
-	Extractable   bool // CKA_EXTRACTABLE: may be wrapped out
-	Modifiable    bool // CKA_MODIFIABLE: attributes may be changed
-	Copyable      bool // CKA_COPYABLE: C_CopyObject may clone it
-	ValueReadable bool // reading CKA_VALUE succeeded (must be false for a root key)
-}
-
-// KeyInfo reads the attributes of the secret or private key labelled label
-// (for a key pair, the private half). It never returns key bytes: if
-// CKA_VALUE can be read, ValueReadable is true and the value is discarded.
-// Errors: ErrKeyNotFound naming the label.
-func (h *HSM) KeyInfo(ctx context.Context, label string) (KeyInfo, error) {
-	var ki KeyInfo
-	err := h.do(ctx, "key info", func(m Module, s pkcs11.SessionHandle) error {
-		o, err := findOne(m, s, pkcs11.CKO_SECRET_KEY, label)
-		if errors.Is(err, ErrKeyNotFound) {
-			o, err = findOne(m, s, pkcs11.CKO_PRIVATE_KEY, label)
-		}
-		if err != nil {
-			return err
-		}
-		ki, err = readKeyInfo(m, s, o)
-		return err
-	})
-	return ki, err
-}
-
-func readKeyInfo(m Module, s pkcs11.SessionHandle, o pkcs11.ObjectHandle) (KeyInfo, error) {
-	types := []uint{pkcs11.CKA_LABEL, pkcs11.CKA_ID, pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE,
-		pkcs11.CKA_TOKEN, pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE,
-		pkcs11.CKA_MODIFIABLE, pkcs11.CKA_COPYABLE}
-	temp := make([]*pkcs11.Attribute, len(types))
-	for i, t := range types {
-		temp[i] = pkcs11.NewAttribute(t, nil)
-	}
-	a, err := m.GetAttributeValue(s, o, temp)
-	if err != nil {
-		return KeyInfo{}, err
-	}
-	ki := KeyInfo{
-		Label: string(a[0].Value), ID: a[1].Value,
-		Class: bytesToUint(a[2].Value), KeyType: bytesToUint(a[3].Value),
-		Token: isTrue(a[4].Value), Private: isTrue(a[5].Value),
-		Sensitive: isTrue(a[6].Value), Extractable: isTrue(a[7].Value),
-		Modifiable: isTrue(a[8].Value), Copyable: isTrue(a[9].Value),
-	}
-	v, err := m.GetAttributeValue(s, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
-	if err == nil && len(v) == 1 && len(v[0].Value) > 0 {
-		ki.ValueReadable = true
-		clear(v[0].Value)
-	}
-	return ki, nil
-}
-
-func isTrue(b []byte) bool { return len(b) == 1 && b[0] != 0 }
-
-// bytesToUint decodes a CK_ULONG attribute (native byte order; little
-// endian on every platform hsmd supports).
-func bytesToUint(b []byte) uint {
-	var v uint
-	for i := len(b) - 1; i >= 0; i-- {
-		v = v<<8 | uint(b[i])
-	}
-	return v
 }

@@ -2,22 +2,13 @@ package hsm
 
 import (
 	"context"
-	"crypto/rand"
-	"errors"
 	"fmt"
 
 	"github.com/miekg/pkcs11"
 )
 
-const (
-	gcmIVSize  = 12
-	gcmTagSize = 16
-	// MaxWrapSize bounds the plaintext of WrapSeal (and so WrapOpen's
-	// input): the wrap key protects a few small secrets, not bulk data.
-	MaxWrapSize = 1 << 20
-	// PRFSize is the output size of PRF.
-	PRFSize = 32
-)
+// PRFSize is the output size of PRF.
+const PRFSize = 32
 
 // hmacMech is read-only and shared by all PRF calls.
 var hmacMech = []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_SHA256_HMAC, nil)}
@@ -32,12 +23,17 @@ func (h *HSM) PRF(ctx context.Context, kdkVersion uint32, msg []byte) ([]byte, e
 	if err != nil {
 		return nil, err
 	}
-	k, ok := ks.kdk[kdkVersion]
+	k, ok := ks.get(KindKDK, kdkVersion)
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrKeyNotFound, KeyLabel(KindKDK, kdkVersion))
 	}
+	return h.hmacWith(ctx, "prf", k.obj, msg)
+}
+
+// hmacWith computes HMAC-SHA256 with the generic secret k in the HSM.
+func (h *HSM) hmacWith(ctx context.Context, op string, k pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
 	var out []byte
-	err = h.do(ctx, "prf", func(m Module, s pkcs11.SessionHandle) error {
+	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
 		if err := m.SignInit(s, hmacMech, k); err != nil {
 			return err
 		}
@@ -46,7 +42,7 @@ func (h *HSM) PRF(ctx context.Context, kdkVersion uint32, msg []byte) ([]byte, e
 			return err
 		}
 		if len(mac) != PRFSize {
-			return fmt.Errorf("hsm: prf: HMAC output is %d bytes, want %d", len(mac), PRFSize)
+			return fmt.Errorf("hsm: %s: HMAC output is %d bytes, want %d", op, len(mac), PRFSize)
 		}
 		out = mac
 		return nil
@@ -57,32 +53,30 @@ func (h *HSM) PRF(ctx context.Context, kdkVersion uint32, msg []byte) ([]byte, e
 	return out, nil
 }
 
-// WrapSeal encrypts plaintext with AES-256-GCM under hsmd/wrap/v1 inside the
-// HSM, with a random 12-byte IV drawn here from crypto/rand, and returns
-// iv || ciphertext || tag. aad must not be empty (SoftHSM needs it, and a
-// wrapped secret should always be bound to its context); plaintext is at
-// most MaxWrapSize bytes. Safe for concurrent use.
-func (h *HSM) WrapSeal(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
-	if len(aad) == 0 {
-		return nil, errors.New("hsm: wrap seal: aad must not be empty")
-	}
-	if len(plaintext) > MaxWrapSize {
-		return nil, fmt.Errorf("hsm: wrap seal: plaintext longer than %d bytes", MaxWrapSize)
-	}
-	ks, err := h.loadedKeys()
-	if err != nil {
-		return nil, err
-	}
-	out := make([]byte, gcmIVSize, gcmIVSize+len(plaintext)+gcmTagSize)
-	if _, err := rand.Read(out); err != nil {
-		return nil, fmt.Errorf("hsm: wrap seal: %w", err)
-	}
+// signWith signs msg with the private key k using mech in the HSM and
+// returns the raw PKCS#11 signature.
+func (h *HSM) signWith(ctx context.Context, op string, k pkcs11.ObjectHandle, mech []*pkcs11.Mechanism, msg []byte) ([]byte, error) {
+	var sig []byte
+	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+		if err := m.SignInit(s, mech, k); err != nil {
+			return err
+		}
+		var err error
+		sig, err = m.Sign(s, msg)
+		return err
+	})
+	return sig, err
+}
+
+// gcmSeal encrypts plaintext with the AES key k under AES-GCM with iv and
+// aad in the HSM and returns ciphertext || tag.
+func (h *HSM) gcmSeal(ctx context.Context, op string, k pkcs11.ObjectHandle, iv, plaintext, aad []byte) ([]byte, error) {
 	var ct []byte
-	err = h.do(ctx, "wrap seal", func(m Module, s pkcs11.SessionHandle) error {
-		params := pkcs11.NewGCMParams(out[:gcmIVSize], aad, gcmTagSize*8)
+	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
 		defer params.Free()
 		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
-		if err := m.EncryptInit(s, mech, ks.wrap); err != nil {
+		if err := m.EncryptInit(s, mech, k); err != nil {
 			return err
 		}
 		var err error
@@ -93,42 +87,25 @@ func (h *HSM) WrapSeal(ctx context.Context, plaintext, aad []byte) ([]byte, erro
 		return nil, err
 	}
 	if len(ct) != len(plaintext)+gcmTagSize {
-		return nil, fmt.Errorf("hsm: wrap seal: ciphertext is %d bytes, want %d", len(ct), len(plaintext)+gcmTagSize)
+		return nil, fmt.Errorf("hsm: %s: ciphertext is %d bytes, want %d", op, len(ct), len(plaintext)+gcmTagSize)
 	}
-	return append(out, ct...), nil
+	return ct, nil
 }
 
-// WrapOpen decrypts the output of WrapSeal with the same aad. Every
-// authentication or format failure returns exactly ErrWrapOpen, with no
-// detail. A failure of the HSM itself (busy, timeout, session lost, token
-// unusable, closed) returns an error that wraps both ErrWrapOpen and the
-// cause, so IsRetryable still tells whether to retry. Safe for concurrent
-// use.
-func (h *HSM) WrapOpen(ctx context.Context, sealed, aad []byte) ([]byte, error) {
-	if len(aad) == 0 || len(sealed) < gcmIVSize+gcmTagSize || len(sealed) > gcmIVSize+MaxWrapSize+gcmTagSize {
-		return nil, ErrWrapOpen
-	}
-	ks, err := h.loadedKeys()
-	if err != nil {
-		return nil, err
-	}
+// gcmOpen decrypts ciphertext || tag with the AES key k under AES-GCM with
+// iv and aad in the HSM.
+func (h *HSM) gcmOpen(ctx context.Context, op string, k pkcs11.ObjectHandle, iv, ct, aad []byte) ([]byte, error) {
 	var pt []byte
-	err = h.do(ctx, "wrap open", func(m Module, s pkcs11.SessionHandle) error {
-		params := pkcs11.NewGCMParams(sealed[:gcmIVSize], aad, gcmTagSize*8)
+	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
 		defer params.Free()
 		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
-		if err := m.DecryptInit(s, mech, ks.wrap); err != nil {
+		if err := m.DecryptInit(s, mech, k); err != nil {
 			return err
 		}
 		var err error
-		pt, err = m.Decrypt(s, sealed[gcmIVSize:])
+		pt, err = m.Decrypt(s, ct)
 		return err
 	})
-	switch {
-	case err == nil:
-		return pt, nil
-	case IsRetryable(err) || IsFatal(err) || errors.Is(err, ErrClosed) || errors.Is(err, context.Canceled):
-		return nil, fmt.Errorf("%w: %w", ErrWrapOpen, err)
-	}
-	return nil, ErrWrapOpen
+	return pt, err
 }

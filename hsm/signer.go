@@ -13,14 +13,14 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// SignAlg names an HSM signing key.
+// SignAlg names an HSM signing key kind.
 type SignAlg int
 
 const (
-	// ECDSAP256 is hsmd/sig-p256/v1: Sign takes a SHA-256 digest
+	// ECDSAP256 is hsmd/sig-p256/vN: Sign takes a SHA-256 digest
 	// (opts.HashFunc() == crypto.SHA256) and returns an ASN.1 DER signature.
 	ECDSAP256 SignAlg = iota + 1
-	// Ed25519 is hsmd/sig-ed25519/v1: Sign takes the message itself
+	// Ed25519 is hsmd/sig-ed25519/vN: Sign takes the message itself
 	// (opts.HashFunc() == 0, no context) and returns 64 bytes.
 	Ed25519
 )
@@ -35,31 +35,67 @@ func (a SignAlg) String() string {
 	return fmt.Sprintf("SignAlg(%d)", int(a))
 }
 
-// Signer returns a crypto.Signer for the loaded signing key of alg. Its
-// Public returns *ecdsa.PublicKey or ed25519.PublicKey (read from the token
-// by LoadKeys). Sign ignores its rand argument (the HSM draws its own
-// randomness), runs under Config.CallTimeout, and may be called
-// concurrently. The signer is valid until the HSM is closed. Errors:
-// ErrKeyNotFound if keys are not loaded; an error for an unknown alg.
+// kind returns the key kind of a.
+func (a SignAlg) kind() (string, bool) {
+	switch a {
+	case ECDSAP256:
+		return KindSigP256, true
+	case Ed25519:
+		return KindSigEd25519, true
+	}
+	return "", false
+}
+
+// Signer returns a crypto.Signer for the newest loaded version of the
+// signing key of alg (see SignerVersion). Errors: ErrKeyNotFound if keys
+// are not loaded or the kind has no key; an error for an unknown alg.
 func (h *HSM) Signer(ctx context.Context, alg SignAlg) (crypto.Signer, error) {
+	kind, ok := alg.kind()
+	if !ok {
+		return nil, fmt.Errorf("hsm: signer: unknown algorithm %v", alg)
+	}
 	ks, err := h.loadedKeys()
 	if err != nil {
 		return nil, err
 	}
-	switch alg {
-	case ECDSAP256:
-		return &signer{h: h, alg: alg, key: ks.p256, pub: ks.p256Pub}, nil
-	case Ed25519:
-		return &signer{h: h, alg: alg, key: ks.ed, pub: ks.edPub}, nil
+	v := ks.newest(kind)
+	if v == 0 {
+		return nil, fmt.Errorf("%w: no key labelled %s/vN", ErrKeyNotFound, labelPrefix+kind)
 	}
-	return nil, fmt.Errorf("hsm: signer: unknown algorithm %v", alg)
+	return h.SignerVersion(ctx, alg, v)
+}
+
+// SignerVersion returns a crypto.Signer for version of the signing key of
+// alg. Its Public returns *ecdsa.PublicKey or ed25519.PublicKey (read from
+// the token when the keys were loaded). Sign ignores its rand argument (the
+// HSM draws its own randomness), runs under Config.CallTimeout, and may be
+// called concurrently. The signer stays on this version when newer ones
+// are added; once the version is destroyed (DestroyRoot) Sign fails with
+// ErrKeyNotFound. The signer is valid until the HSM is closed. Errors:
+// ErrKeyNotFound if keys are not loaded or the version is not; an error
+// for an unknown alg.
+func (h *HSM) SignerVersion(_ context.Context, alg SignAlg, version uint32) (crypto.Signer, error) {
+	kind, ok := alg.kind()
+	if !ok {
+		return nil, fmt.Errorf("hsm: signer: unknown algorithm %v", alg)
+	}
+	ks, err := h.loadedKeys()
+	if err != nil {
+		return nil, err
+	}
+	k, ok := ks.get(kind, version)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrKeyNotFound, KeyLabel(kind, version))
+	}
+	return &signer{h: h, alg: alg, kind: kind, version: version, pub: k.pub}, nil
 }
 
 type signer struct {
-	h   *HSM
-	alg SignAlg
-	key pkcs11.ObjectHandle
-	pub crypto.PublicKey
+	h       *HSM
+	alg     SignAlg
+	kind    string
+	version uint32
+	pub     crypto.PublicKey
 }
 
 func (s *signer) Public() crypto.PublicKey { return s.pub }
@@ -75,15 +111,11 @@ func (s *signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 	if err != nil {
 		return nil, err
 	}
-	var sig []byte
-	err = s.h.do(ctx, "sign", func(m Module, sh pkcs11.SessionHandle) error {
-		if err := m.SignInit(sh, mech, s.key); err != nil {
-			return err
-		}
-		var err error
-		sig, err = m.Sign(sh, digest)
-		return err
-	})
+	k, err := s.key()
+	if err != nil {
+		return nil, err
+	}
+	sig, err := s.h.signWith(ctx, "sign", k, mech, digest)
 	if err != nil {
 		return nil, err
 	}
@@ -94,6 +126,27 @@ func (s *signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 		return sig, nil
 	}
 	return rawToDER(sig)
+}
+
+// key returns the handle of the signer's key in the loaded set, so that a
+// key destroyed or replaced since gives ErrKeyNotFound, never a stale
+// handle.
+func (s *signer) key() (pkcs11.ObjectHandle, error) {
+	ks, err := s.h.loadedKeys()
+	if err != nil {
+		return 0, err
+	}
+	k, ok := ks.get(s.kind, s.version)
+	if !ok || !samePublic(k.pub, s.pub) {
+		return 0, fmt.Errorf("%w: %s is no longer loaded (destroyed?)", ErrKeyNotFound, KeyLabel(s.kind, s.version))
+	}
+	return k.obj, nil
+}
+
+// samePublic reports whether a and b are the same public key.
+func samePublic(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
 }
 
 // check validates the request and returns the mechanism.
