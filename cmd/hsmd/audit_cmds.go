@@ -67,14 +67,14 @@ func runAudit(ctx context.Context, env *cliEnv, args []string) error {
 type auditFlags struct {
 	config, dataDir string
 	dev             bool
-	keys            auditKeyList
+	keys            keyList
 }
 
-// auditKeyList is a repeatable --key flag.
-type auditKeyList []string
+// keyList is a repeatable --key flag (verifier keys).
+type keyList []string
 
-func (k *auditKeyList) String() string     { return strings.Join(*k, ",") }
-func (k *auditKeyList) Set(v string) error { *k = append(*k, v); return nil }
+func (k *keyList) String() string     { return strings.Join(*k, ",") }
+func (k *keyList) Set(v string) error { *k = append(*k, v); return nil }
 
 func (a *auditFlags) register(fs *flag.FlagSet, withKeys bool) {
 	fs.StringVar(&a.config, "config", "", "configuration file (YAML): its data_dir")

@@ -37,6 +37,7 @@ type Config struct {
 	Envelope EnvelopeConfig `yaml:"envelope"`
 	Audit    AuditConfig    `yaml:"audit"`
 	Witness  WitnessConfig  `yaml:"witness"`
+	Quorum   QuorumConfig   `yaml:"quorum"`
 	Log      LogConfig      `yaml:"log"`
 }
 
