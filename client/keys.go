@@ -104,12 +104,13 @@ func (c *Client) EnableVersion(ctx context.Context, tenant string, v uint32) (Ke
 // encrypted can be decrypted. wait must be 0 or a positive whole number of
 // seconds, or ScheduleDestroy fails with an "hsmd client: " error without
 // calling the server; other errors are described at [Key].
-func (c *Client) ScheduleDestroy(ctx context.Context, tenant string, v uint32, wait time.Duration) (Key, error) {
+func (c *Client) ScheduleDestroy(ctx context.Context, tenant string, v uint32, wait time.Duration, opts ...CallOption) (Key, error) {
 	secs, err := wholeSeconds("destruction wait", wait)
 	if err != nil {
 		return Key{}, err
 	}
-	return keyResult(c.keys.ScheduleDestroy(ctx, &hsmdv1.ScheduleDestroyRequest{Tenant: tenant, Version: v, WaitSeconds: secs}))
+	o := callOptions(opts)
+	return keyResult(c.keys.ScheduleDestroy(ctx, &hsmdv1.ScheduleDestroyRequest{Tenant: tenant, Version: v, WaitSeconds: secs, Approval: o.approval}))
 }
 
 // CancelDestroy cancels a scheduled destruction, leaving the version

@@ -87,9 +87,30 @@ func (c *Client) ListTenants(ctx context.Context) ([]Tenant, error) {
 // still allow is in docs/KEYS.md). There is no undo: ShredTenant sends the
 // name as the server's confirmation, so asking a human to confirm is the
 // caller's job. An unknown tenant is codes.NotFound.
-func (c *Client) ShredTenant(ctx context.Context, name string) error {
-	_, err := c.tenants.ShredTenant(ctx, &hsmdv1.ShredTenantRequest{Name: name, Confirm: name})
+func (c *Client) ShredTenant(ctx context.Context, name string, opts ...CallOption) error {
+	o := callOptions(opts)
+	_, err := c.tenants.ShredTenant(ctx, &hsmdv1.ShredTenantRequest{Name: name, Confirm: name, Approval: o.approval})
 	return err
+}
+
+// CallOption adds to one call.
+type CallOption func(*callOpts)
+
+type callOpts struct{ approval []byte }
+
+func callOptions(opts []CallOption) callOpts {
+	var o callOpts
+	for _, f := range opts {
+		f(&o)
+	}
+	return o
+}
+
+// WithApproval sends the quorum-approved request (a signed note from
+// `hsmd approve`) that a server with a quorum policy requires of
+// ShredTenant and ScheduleDestroy.
+func WithApproval(note []byte) CallOption {
+	return func(o *callOpts) { o.approval = note }
 }
 
 func tenantFromProto(t *hsmdv1.Tenant) Tenant {

@@ -68,6 +68,12 @@ func (k *keysService) ScheduleDestroy(ctx context.Context, req *hsmdv1.ScheduleD
 		return nil, status.Error(codes.InvalidArgument, "wait_seconds must not be negative")
 	}
 	wait := time.Duration(req.WaitSeconds) * time.Second
+	if _, err := k.s.tenant(ctx, req.Tenant); err != nil {
+		return nil, err
+	}
+	if err := k.s.authorize(ctx, req.Approval, destroyOperation(req.Tenant, req.Version)); err != nil {
+		return nil, err
+	}
 	return k.apply(ctx, req.Tenant, func(m *rotation.Manager) (*store.Tenant, error) {
 		return m.ScheduleDestroy(ctx, req.Tenant, req.Version, wait)
 	})
@@ -188,6 +194,9 @@ func (ts *tenantsService) ShredTenant(ctx context.Context, req *hsmdv1.ShredTena
 		return nil, err
 	}
 	if _, err := ts.s.tenant(ctx, req.Name); err != nil {
+		return nil, err
+	}
+	if err := ts.s.authorize(ctx, req.Approval, shredOperation(req.Name)); err != nil {
 		return nil, err
 	}
 	if err := m.Shred(ctx, req.Name); err != nil {

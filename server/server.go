@@ -27,6 +27,7 @@ import (
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/quorum"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
@@ -64,6 +65,11 @@ type Config struct {
 	// UNAVAILABLE. AuditContexts HMACs the callers' contexts for it.
 	Audit         Auditor
 	AuditContexts *audit.ContextHasher
+	// Quorum, if set, makes ShredTenant and ScheduleDestroy require a
+	// quorum-approved request (their approval field), spent in
+	// QuorumSpent (required with Quorum).
+	Quorum      *quorum.Policy
+	QuorumSpent quorum.Spent
 }
 
 // TPMService is the health service name that reports the TPM: SERVING
@@ -86,6 +92,9 @@ type Server struct {
 func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil || cfg.Engine == nil || cfg.Metrics == nil {
 		return nil, errors.New("server: Config.Store, Engine and Metrics are required")
+	}
+	if cfg.Quorum != nil && cfg.QuorumSpent == nil {
+		return nil, errors.New("server: Config.QuorumSpent is required with Config.Quorum")
 	}
 	cfg.Limits = cfg.Limits.WithDefaults()
 	if err := cfg.Limits.Validate(); err != nil {

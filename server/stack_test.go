@@ -20,6 +20,7 @@ import (
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/quorum"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/signing"
@@ -78,6 +79,8 @@ type stackOpts struct {
 	// audit records every call in an audit log under <dir>/audit, its
 	// checkpoints signed by the token's keys (auditSync: durably).
 	audit, auditSync bool
+	// quorum, if set, requires approvals for destructive calls.
+	quorum *quorum.Policy
 }
 
 // newStack makes a token with root keys and starts a stack on it.
@@ -154,7 +157,7 @@ func (s *stack) start(o stackOpts) {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now,
-		Audit: auditor, AuditContexts: contexts})
+		Audit: auditor, AuditContexts: contexts, Quorum: o.quorum, QuorumSpent: quorum.NewFileSpent(filepath.Join(s.dir, "spent.json"))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -305,13 +306,14 @@ func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 	if nargs == 1 {
 		synopsis += " NAME"
 	}
-	var confirm string
+	var confirm, approval string
 	if sub == "shred" {
-		synopsis += " --confirm NAME"
+		synopsis += " --confirm NAME [--approval FILE]"
 	}
 	fs, cf := newClientFlagSet(env, "tenants "+sub, synopsis+" [flags]")
 	if sub == "shred" {
 		fs.StringVar(&confirm, "confirm", "", "the tenant `name` again: shredding cannot be undone")
+		fs.StringVar(&approval, "approval", "", "quorum-approved request `file` (hsmd approve), when the server has a quorum policy")
 	}
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
@@ -345,7 +347,15 @@ func runTenants(ctx context.Context, env *cliEnv, args []string) error {
 		}
 		return printTenant(env.stdout, t)
 	case "shred":
-		if err := c.ShredTenant(ctx, pos[0]); err != nil {
+		var opts []client.CallOption
+		if approval != "" {
+			b, err := os.ReadFile(approval)
+			if err != nil {
+				return err
+			}
+			opts = append(opts, client.WithApproval(b))
+		}
+		if err := c.ShredTenant(ctx, pos[0], opts...); err != nil {
 			return clientRPCError("shred tenant", err)
 		}
 		_, err := fmt.Fprintf(env.stdout, "hsmd: shredded tenant %s: its data can no longer be decrypted\n", pos[0])

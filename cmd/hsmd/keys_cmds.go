@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -65,7 +66,8 @@ type keysCmd struct {
 	minVersion uint64
 	maxDEKs    uint64
 	// destroy
-	wait time.Duration
+	wait     time.Duration
+	approval string // --approval file (destroy)
 }
 
 func runKeys(ctx context.Context, env *cliEnv, args []string) error {
@@ -115,6 +117,7 @@ func parseKeysArgs(env *cliEnv, sub string, op keysOp, args []string) (*keysCmd,
 		fs.Uint64Var(&k.maxDEKs, "max-deks-per-version", 0, "rotate early once the current version derived `N` data keys (0: no limit)")
 	case "destroy":
 		fs.DurationVar(&k.wait, "wait", 0, "destroy after this waiting period (0: the server's default, 168h)")
+		fs.StringVar(&k.approval, "approval", "", "quorum-approved request `file` (hsmd approve), when the server has a quorum policy")
 	}
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
@@ -192,7 +195,15 @@ func (k *keysCmd) call(ctx context.Context, c *client.Client) (client.Key, error
 	case "enable":
 		return c.EnableVersion(ctx, k.tenant, k.version)
 	case "destroy":
-		return c.ScheduleDestroy(ctx, k.tenant, k.version, k.wait)
+		var opts []client.CallOption
+		if k.approval != "" {
+			b, err := os.ReadFile(k.approval)
+			if err != nil {
+				return client.Key{}, err
+			}
+			opts = append(opts, client.WithApproval(b))
+		}
+		return c.ScheduleDestroy(ctx, k.tenant, k.version, k.wait, opts...)
 	case "cancel-destroy":
 		return c.CancelDestroy(ctx, k.tenant, k.version)
 	default:

@@ -19,6 +19,7 @@ import (
 
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/quorum"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/signing"
@@ -163,6 +164,13 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		Audit: pt.audit, AuditContexts: pt.auditCtx,
 	}
 	pt.auditMetrics = metrics.ObserveAuditWrite
+	if c.Quorum.Policy != "" {
+		if sc.Quorum, err = quorum.LoadPolicy(c.Quorum.Policy); err != nil {
+			d.close()
+			return nil, withHint(err, "quorum.policy names the operators and threshold that destructive calls need approvals from")
+		}
+		sc.QuorumSpent = quorum.NewFileSpent(filepath.Join(c.DataDir, "quorum-spent.json"))
+	}
 	if pt.tpm != nil {
 		sc.TPM = pt.tpm.Ping
 		sc.RollbackCounter = pt.counter.Value

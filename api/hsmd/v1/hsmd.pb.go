@@ -625,9 +625,13 @@ func (x *ItemError) GetMessage() string {
 }
 
 type ShredTenantRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Confirm       string                 `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Name    string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Confirm string                 `protobuf:"bytes,2,opt,name=confirm,proto3" json:"confirm,omitempty"`
+	// The quorum-approved request (a signed note, see the quorum package)
+	// for the operation shred-tenant with param tenant=<name>. Required when
+	// the server has a quorum policy; the approval is spent by the call.
+	Approval      []byte `protobuf:"bytes,3,opt,name=approval,proto3" json:"approval,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -674,6 +678,13 @@ func (x *ShredTenantRequest) GetConfirm() string {
 		return x.Confirm
 	}
 	return ""
+}
+
+func (x *ShredTenantRequest) GetApproval() []byte {
+	if x != nil {
+		return x.Approval
+	}
+	return nil
 }
 
 type ShredTenantResponse struct {
@@ -1050,7 +1061,11 @@ type ScheduleDestroyRequest struct {
 	Tenant  string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// 0: the default waiting period.
-	WaitSeconds   int64 `protobuf:"varint,3,opt,name=wait_seconds,json=waitSeconds,proto3" json:"wait_seconds,omitempty"`
+	WaitSeconds int64 `protobuf:"varint,3,opt,name=wait_seconds,json=waitSeconds,proto3" json:"wait_seconds,omitempty"`
+	// The quorum-approved request for the operation destroy-version with
+	// params tenant=<tenant> and version=<version>. Required when the server
+	// has a quorum policy; the approval is spent by the call.
+	Approval      []byte `protobuf:"bytes,4,opt,name=approval,proto3" json:"approval,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1104,6 +1119,13 @@ func (x *ScheduleDestroyRequest) GetWaitSeconds() int64 {
 		return x.WaitSeconds
 	}
 	return 0
+}
+
+func (x *ScheduleDestroyRequest) GetApproval() []byte {
+	if x != nil {
+		return x.Approval
+	}
+	return nil
 }
 
 type CreateTenantRequest struct {
@@ -1656,10 +1678,11 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\tItemError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"B\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"^\n" +
 	"\x12ShredTenantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aconfirm\x18\x02 \x01(\tR\aconfirm\"\x15\n" +
+	"\aconfirm\x18\x02 \x01(\tR\aconfirm\x12\x1a\n" +
+	"\bapproval\x18\x03 \x01(\fR\bapproval\"\x15\n" +
 	"\x13ShredTenantResponse\"\xd1\x01\n" +
 	"\x03Key\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12'\n" +
@@ -1680,11 +1703,12 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x06policy\x18\x02 \x01(\v2\x12.hsmd.v1.KeyPolicyR\x06policy\"B\n" +
 	"\x0eVersionRequest\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\rR\aversion\"m\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"\x89\x01\n" +
 	"\x16ScheduleDestroyRequest\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12!\n" +
-	"\fwait_seconds\x18\x03 \x01(\x03R\vwaitSeconds\")\n" +
+	"\fwait_seconds\x18\x03 \x01(\x03R\vwaitSeconds\x12\x1a\n" +
+	"\bapproval\x18\x04 \x01(\fR\bapproval\")\n" +
 	"\x13CreateTenantRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"&\n" +
 	"\x10GetTenantRequest\x12\x12\n" +
