@@ -192,7 +192,7 @@ func (f *File) preflight(ctx context.Context, env *Env) error {
 				return refused("%s already exists on the token: labels are never reused", hsm.KeyLabel(k, f.Version))
 			}
 		}
-		if f.Ceremony == KindRootInit || f.Ceremony == KindRestore {
+		if f.Ceremony == KindRootInit {
 			for _, k := range allKinds {
 				if len(have[k]) > 0 {
 					return refused("the token already holds %s keys: %s needs a token without roots", k, f.Ceremony)
@@ -208,6 +208,9 @@ type runner struct {
 	f   *File
 	env *Env
 	t   Transcript
+	// kinds are the root kinds the run made: f.kinds(), or for a restore
+	// those its transcript records.
+	kinds []string
 }
 
 func (r *runner) now() time.Time {
@@ -246,7 +249,7 @@ func Run(ctx context.Context, f *File, env *Env) (*Transcript, error) {
 	if err := f.preflight(ctx, env); err != nil {
 		return nil, err
 	}
-	r := &runner{f: f, env: env}
+	r := &runner{f: f, env: env, kinds: f.kinds()}
 	r.t = Transcript{Ceremony: f.Ceremony, ID: f.ID, Token: env.TokenLabel, Started: r.now()}
 	if err := r.step(ctx, "start", "ceremony %s %s (file sha256:%x)", f.Ceremony, f.ID, f.digest); err != nil {
 		return nil, err
@@ -346,7 +349,7 @@ func (r *runner) generate(ctx context.Context) error {
 // recordKeys checks the protective attributes of f's new keys and records
 // them, with the signing keys' public halves.
 func (r *runner) recordKeys(ctx context.Context, origin, selfTest string) error {
-	for _, k := range r.f.kinds() {
+	for _, k := range r.kinds {
 		label := hsm.KeyLabel(k, r.f.Version)
 		ki, err := r.env.HSM.KeyInfo(ctx, label)
 		if err != nil {
@@ -452,14 +455,18 @@ func (r *runner) restore(ctx context.Context) error {
 	defer m.Clear()
 	kinds := make([]string, 0, len(orig.Keys))
 	for _, k := range orig.Keys {
+		if k.Version != f.Version {
+			return refused("the shares hold version %d of %s, the ceremony file restores version %d", k.Version, k.Kind, f.Version)
+		}
 		kinds = append(kinds, k.Kind)
 	}
 	if len(kinds) == 0 {
-		kinds = allKinds
+		return refused("the transcript %s records no keys", f.Expect)
 	}
 	if err := r.env.HSM.ImportRoots(ctx, f.Version, m, kinds...); err != nil {
 		return err
 	}
+	r.kinds = kinds
 	if err := r.recordKeys(ctx, "imported", "HMAC known answer, AES-GCM round trip, sign/verify against the rebuilt material"); err != nil {
 		return err
 	}

@@ -326,6 +326,34 @@ func TestRootInitCustodyRestore(t *testing.T) {
 		t.Fatalf("replayed approval: %v", err)
 	}
 
+	// A kdk rotation with custody on the first token, then restored onto
+	// the second (which has the v1 roots): data under kdk v2 opens there.
+	var kb strings.Builder
+	fmt.Fprintf(&kb, "ceremony: rotate-kdk\nid: kdk2\nversion: 2\napprovals: kdk2.approval\ntranscript: kdk2.transcript\ncustody:\n  threshold: 2\n  custodians:\n")
+	for i := range 3 {
+		fmt.Fprintf(&kb, "    - name: custodian%d\n      recipient: %s\n      output: kdk2-share%d.age\n", i+1, r.recips[i], i+1)
+	}
+	kdk2 := r.write("kdk2.yaml", kb.String())
+	r.approve(kdk2, "kdk2.approval", 2, time.Hour)
+	if _, err := Run(ctx, kdk2, r.env(h1, l1)); err != nil {
+		t.Fatalf("rotate-kdk: %v", err)
+	}
+	ref2 := ref
+	ref2.KDKVersion, ref2.Version = 2, 2
+	cts2 := sealOn(t, h1, ref2, "under kdk v2")
+	rk := r.write("rk.yaml", "ceremony: restore\nid: rk\nversion: 2\nexpect: kdk2.transcript\napprovals: rk.approval\ntranscript: rk.transcript\nshares:\n"+
+		"  - file: kdk2-share1.age\n    identity: custodian1.key\n  - file: kdk2-share3.age\n    identity: custodian3.key\n")
+	r.approve(rk, "rk.approval", 2, time.Hour)
+	if _, err := Run(ctx, rk, r.env(h2, l2)); err != nil {
+		t.Fatalf("restore of kdk v2: %v", err)
+	}
+	if vs, _ := h2.RootVersions(ctx); len(vs[hsm.KindKDK]) != 2 || len(vs[hsm.KindWrap]) != 1 {
+		t.Fatalf("versions after restoring kdk v2: %v", vs)
+	}
+	if got := openOn(t, h2, ref2, cts2); got[0] != "under kdk v2" {
+		t.Fatalf("kdk v2 data on the second token: %q", got)
+	}
+
 	// Transcripts verify, and a changed byte fails them.
 	tb := mustRead(t, filepath.Join(r.dir, "init.transcript"))
 	if _, self, err := VerifyTranscript(tb, nil); err != nil || !self {
