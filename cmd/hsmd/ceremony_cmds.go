@@ -113,8 +113,11 @@ func ceremonyPlanRun(ctx context.Context, env *cliEnv, sub string, args []string
 			return pol.Authorize(ctx, spent, b, op, time.Now())
 		}
 	}
-	fresh := f.Ceremony == ceremony.KindRootInit || f.Ceremony == ceremony.KindRestore
-	if fresh {
+	// root-init, and a restore into a data directory not yet set up, work
+	// on a token without roots; the others (and a restore of a rotated kdk
+	// onto a running replica's token) on the initialised data directory.
+	initialised := exists(filepath.Join(c.DataDir, "hsmd.db"))
+	if f.Ceremony == ceremony.KindRootInit || (f.Ceremony == ceremony.KindRestore && !initialised) {
 		return ceremonyOnNewToken(ctx, env, sub, f, c, &p, dev, cenv, log)
 	}
 	pt, err := bootstrap(ctx, c, p.insecure, false, dev, log)
