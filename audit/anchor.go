@@ -70,12 +70,18 @@ func (l *Log) Bind(ctx context.Context, counter uint64, mac MAC) error {
 // CheckAnchor checks, at start, that the log extends the head its anchor
 // recorded (same entries, maybe more) and that the anchor is not older than
 // counter, the TPM's rollback counter. A log without an anchor passes only
-// while it is empty (first start). Errors wrap ErrAnchor.
-func (l *Log) CheckAnchor(ctx context.Context, counter uint64, mac MAC) error {
+// if it is empty and newLog says a new log is expected (the data
+// directory's first start, or an operator's explicit choice): otherwise
+// the anchor, or the whole audit directory, was deleted. Errors wrap
+// ErrAnchor.
+func (l *Log) CheckAnchor(ctx context.Context, counter uint64, mac MAC, newLog bool) error {
 	b, err := os.ReadFile(filepath.Join(l.cfg.Dir, AnchorFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		if n := l.Size(); n > 0 {
 			return fmt.Errorf("%w: the log holds %d entries but its anchor is missing", ErrAnchor, n)
+		}
+		if !newLog {
+			return fmt.Errorf("%w: the audit log and its anchor are missing (deleted, or this data directory predates the audit log)", ErrAnchor)
 		}
 		return nil
 	}

@@ -386,8 +386,11 @@ func TestAnchor(t *testing.T) {
 	ctx := context.Background()
 	tl := newTestLog(t)
 	l := tl.open(t, nil)
-	if err := l.CheckAnchor(ctx, 3, testMAC); err != nil {
+	if err := l.CheckAnchor(ctx, 3, testMAC, true); err != nil {
 		t.Fatalf("a new log without an anchor: %v", err)
+	}
+	if err := l.CheckAnchor(ctx, 3, testMAC, false); !errors.Is(err, ErrAnchor) {
+		t.Fatalf("a missing anchor where one is expected: %v", err)
 	}
 	appendN(t, l, 0, 5, true)
 	if err := l.Bind(ctx, 4, testMAC); err != nil {
@@ -398,14 +401,14 @@ func TestAnchor(t *testing.T) {
 	copyDir(t, tl.dir, old)
 
 	l = tl.open(t, nil)
-	if err := l.CheckAnchor(ctx, 4, testMAC); err != nil {
+	if err := l.CheckAnchor(ctx, 4, testMAC, false); err != nil {
 		t.Fatalf("CheckAnchor at its counter: %v", err)
 	}
-	if err := l.CheckAnchor(ctx, 5, testMAC); !errors.Is(err, ErrAnchor) {
+	if err := l.CheckAnchor(ctx, 5, testMAC, false); !errors.Is(err, ErrAnchor) {
 		t.Fatalf("CheckAnchor with the TPM ahead = %v", err)
 	}
 	appendN(t, l, 5, 300, true)
-	if err := l.CheckAnchor(ctx, 4, testMAC); err != nil {
+	if err := l.CheckAnchor(ctx, 4, testMAC, false); err != nil {
 		t.Fatalf("CheckAnchor after growth: %v", err)
 	}
 	if err := l.Bind(ctx, 5, testMAC); err != nil {
@@ -423,18 +426,18 @@ func TestAnchor(t *testing.T) {
 	copyDir(t, old, tl.dir)
 	os.WriteFile(filepath.Join(tl.dir, AnchorFile), newAnchor, 0o600)
 	l = tl.open(t, nil)
-	if err := l.CheckAnchor(ctx, 5, testMAC); !errors.Is(err, ErrAnchor) || !strings.Contains(err.Error(), "truncated") {
+	if err := l.CheckAnchor(ctx, 5, testMAC, false); !errors.Is(err, ErrAnchor) || !strings.Contains(err.Error(), "truncated") {
 		t.Fatalf("truncated log: %v", err)
 	}
 	// ... and with its own older anchor: rolled back.
 	closeLog(t, l)
 	copyDir(t, old, tl.dir)
 	l = tl.open(t, nil)
-	if err := l.CheckAnchor(ctx, 5, testMAC); !errors.Is(err, ErrAnchor) || !strings.Contains(err.Error(), "older copy") {
+	if err := l.CheckAnchor(ctx, 5, testMAC, false); !errors.Is(err, ErrAnchor) || !strings.Contains(err.Error(), "older copy") {
 		t.Fatalf("rolled-back log: %v", err)
 	}
 	// An edited anchor, and another key.
-	if err := l.CheckAnchor(ctx, 4, func(m []byte) [32]byte { return sha256.Sum256(m) }); !errors.Is(err, ErrAnchor) {
+	if err := l.CheckAnchor(ctx, 4, func(m []byte) [32]byte { return sha256.Sum256(m) }, false); !errors.Is(err, ErrAnchor) {
 		t.Fatalf("anchor under another key: %v", err)
 	}
 	closeLog(t, l)

@@ -218,6 +218,9 @@ func (l *Log) Err() error {
 	if l.closed.Load() {
 		return fmt.Errorf("%w: closed", ErrUnavailable)
 	}
+	if l.broken.Load() {
+		return fmt.Errorf("%w: entries landed at other indexes than their sequence numbers; restart hsmd", ErrUnavailable)
+	}
 	l.errMu.Lock()
 	defer l.errMu.Unlock()
 	if l.err != nil {
@@ -338,8 +341,10 @@ func (l *Log) run(ctx context.Context) {
 		}
 		clear(batch[len(rest):])
 		batch = rest
-		if err == nil && !l.broken.Load() {
-			l.setErr(nil)
+		if err == nil {
+			if !l.broken.Load() {
+				l.setErr(nil)
+			}
 			backoff = 50 * time.Millisecond
 			continue
 		}
@@ -348,9 +353,6 @@ func (l *Log) run(ctx context.Context) {
 		l.setErr(err)
 		for _, p := range batch {
 			p.notify(fmt.Errorf("%w: %v", ErrUnavailable, err))
-		}
-		if l.broken.Load() {
-			batch = batch[:0] // in the tree already, misnumbered
 		}
 		if stopping == nil {
 			select {

@@ -64,9 +64,12 @@ func badCheckpoint(n int, format string, a ...any) error {
 }
 
 // Verify checks the audit log in dir offline, with the verifier keys the
-// caller trusts (every checkpoint must carry a valid signature from each):
+// caller trusts: every checkpoint must carry a valid signature from each
+// key, except that keys of one signature type parsed by ParseVerifiers are
+// alternatives (the versions of a rotated key): one valid signature per
+// type is then demanded.
 //
-//   - every archived checkpoint is signed by every verifier, has the log's
+//   - every archived checkpoint is signed as said above, has the log's
 //     origin, and does not shrink the tree; the published checkpoint is
 //     the newest archived one;
 //   - every entry up to the newest checkpoint parses, carries its own index
@@ -390,7 +393,7 @@ type Proof struct {
 }
 
 // Prove returns the inclusion proof of entry index in the newest published
-// checkpoint, which must verify with every verifier; the proof is checked
+// checkpoint, which must verify as for Verify; the proof is checked
 // before it is returned.
 func Prove(ctx context.Context, dir string, index uint64, verifiers []note.Verifier) (*Proof, error) {
 	d := dirReader{filepath.Join(dir, TreeDir)}

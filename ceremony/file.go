@@ -13,6 +13,7 @@
 package ceremony
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -63,6 +64,10 @@ type File struct {
 
 	dir    string   // the file's directory: relative paths are relative to it
 	digest [32]byte // SHA-256 of the file's bytes
+	// inputs is, for restore, the SHA-256 over the SHA-256 of the expect
+	// transcript and of each share file, in order: the approval covers
+	// them, not only their names.
+	inputs []byte
 }
 
 // Custody is the M-of-N split of root key material.
@@ -116,6 +121,22 @@ func Parse(b []byte, dir string) (*File, error) {
 	f.dir, f.digest = dir, fileDigest(b)
 	if err := f.validate(); err != nil {
 		return nil, err
+	}
+	if f.Ceremony == KindRestore {
+		h := sha256.New()
+		paths := []struct{ yaml, p string }{{"expect", f.Expect}}
+		for i, s := range f.Shares {
+			paths = append(paths, struct{ yaml, p string }{fmt.Sprintf("shares[%d].file", i), s.File})
+		}
+		for _, in := range paths {
+			b, err := os.ReadFile(f.path(in.p))
+			if err != nil {
+				return nil, pathErr(in.yaml, "%v", err)
+			}
+			sum := sha256.Sum256(b)
+			h.Write(sum[:])
+		}
+		f.inputs = h.Sum(nil)
 	}
 	return &f, nil
 }

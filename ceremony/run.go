@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -73,7 +74,8 @@ func (f *File) kinds() []string {
 
 // Operation is what quorum approvers approve for f: its kind, ID and the
 // SHA-256 of the ceremony file's bytes, so an approval covers exactly this
-// file.
+// file; for a restore also the SHA-256 of its inputs (the transcript and
+// the share files), so that no other material can be swapped in.
 func (f *File) Operation() (quorum.Operation, bool) {
 	var kind string
 	switch f.Ceremony {
@@ -86,9 +88,11 @@ func (f *File) Operation() (quorum.Operation, bool) {
 	default:
 		return quorum.Operation{}, false
 	}
-	return quorum.Operation{Kind: kind, Params: map[string]string{
-		"ceremony": f.ID, "file_sha256": hex.EncodeToString(f.digest[:]),
-	}}, true
+	params := map[string]string{"ceremony": f.ID, "file_sha256": hex.EncodeToString(f.digest[:])}
+	if f.inputs != nil {
+		params["inputs_sha256"] = hex.EncodeToString(f.inputs)
+	}
+	return quorum.Operation{Kind: kind, Params: params}, true
 }
 
 // Plan checks that f can run on env's token (its labels are free, its
@@ -170,6 +174,14 @@ func (f *File) preflight(ctx context.Context, env *Env) error {
 		if _, err := os.Lstat(o); err == nil {
 			return refused("%s exists: a ceremony never overwrites an output (rerun with new output names, or keep the earlier result)", o)
 		}
+		// The output's directory must take a file now, not after the keys
+		// are made.
+		tmp, err := os.CreateTemp(filepath.Dir(o), ".ceremony-check-*")
+		if err != nil {
+			return refused("cannot write %s: %v", o, err)
+		}
+		tmp.Close()
+		os.Remove(tmp.Name())
 	}
 	if _, ok := f.Operation(); ok && env.Approve == nil {
 		return refused("a %s ceremony needs a quorum approval, and no quorum policy is configured", f.Ceremony)
@@ -231,8 +243,14 @@ func (r *runner) rand() io.Reader {
 func (r *runner) step(ctx context.Context, action, format string, a ...any) error {
 	s := Step{Time: r.now(), Action: action, Detail: fmt.Sprintf(format, a...)}
 	r.t.Steps = append(r.t.Steps, s)
+	return r.emit(ctx, s)
+}
+
+// emit sends a step to the output and the audit log.
+func (r *runner) emit(ctx context.Context, s Step) error {
+	action := s.Action
 	if r.env.Out != nil {
-		fmt.Fprintf(r.env.Out, "%s  %s: %s\n", s.Time.Format(time.RFC3339), action, s.Detail)
+		fmt.Fprintf(r.env.Out, "%s  %s: %s\n", s.Time.Format(time.RFC3339), s.Action, s.Detail)
 	}
 	if r.env.Record != nil {
 		if err := r.env.Record(ctx, s); err != nil {
@@ -403,6 +421,10 @@ func (r *runner) restore(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("ceremony: %w", err)
 	}
+	// What is read must be what was approved (the inputs' digests at Load).
+	inputs := sha256.New()
+	sum := sha256.Sum256(tb)
+	inputs.Write(sum[:])
 	// Self-certified here; the rebuilt keys' public halves must then match
 	// the ones it records (it was signed by the keys being restored).
 	orig, _, err := VerifyTranscript(tb, nil)
@@ -427,6 +449,8 @@ func (r *runner) restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("ceremony: shares[%d]: %w", i, err)
 		}
+		sum := sha256.Sum256(sealed)
+		inputs.Write(sum[:])
 		ids, err := readIdentities(f.path(in.Identity))
 		if err != nil {
 			return fmt.Errorf("ceremony: shares[%d].identity: %w", i, err)
@@ -442,6 +466,9 @@ func (r *runner) restore(ctx context.Context) error {
 		if err := r.step(ctx, "share", "share %d of %s opened and authenticated", s.Index, s.Custodian); err != nil {
 			return err
 		}
+	}
+	if !bytes.Equal(inputs.Sum(nil), f.inputs) {
+		return refused("the transcript or a share file changed since the ceremony file was loaded (and approved)")
 	}
 	secret, err := CombineShares(shares, orig.Custody)
 	if err != nil {
@@ -538,15 +565,19 @@ func (r *runner) finish(ctx context.Context) error {
 		}
 		signers = append(signers, ns)
 	}
-	if err := r.step(ctx, "finish", "transcript signed and written to %s", r.f.path(r.f.Transcript)); err != nil {
-		return err
-	}
-	r.t.Finished = r.now()
+	// The finish step is in the transcript, and reported once it is
+	// written.
+	fin := Step{Time: r.now(), Action: "finish", Detail: fmt.Sprintf("transcript signed and written to %s", r.f.path(r.f.Transcript))}
+	r.t.Steps = append(r.t.Steps, fin)
+	r.t.Finished = fin.Time
 	b, err := SignTranscript(&r.t, signers...)
 	if err != nil {
 		return err
 	}
-	return writeNew(r.f.path(r.f.Transcript), b)
+	if err := writeNew(r.f.path(r.f.Transcript), b); err != nil {
+		return fmt.Errorf("%w (the ceremony's keys are on the token; its steps are in the audit log)", err)
+	}
+	return r.emit(ctx, fin)
 }
 
 // fileDigest is the SHA-256 of a ceremony file's bytes.

@@ -11,9 +11,12 @@
 //	unix://./var/hsmd.sock       the same (a leading "./" or "../" after "unix://")
 //	127.0.0.1:7443               TCP, host:port
 //
-// Until mutual TLS lands, TCP without transport credentials is allowed only
-// to a loopback host ("localhost", 127.0.0.0/8, ::1); any other host needs
-// [WithTransportCredentials]. Unix sockets are protected by file permissions.
+// hsmd serves TLS 1.3 on TCP: dial it with [WithTLS], which prefers the
+// hybrid post-quantum key exchanges (see [TLSOptions]). TCP without
+// transport credentials is allowed only to a loopback host ("localhost",
+// 127.0.0.0/8, ::1), for a server configured without TLS; any other host
+// needs [WithTLS] or [WithTransportCredentials]. Unix sockets are
+// protected by file permissions.
 //
 // # Errors
 //
@@ -92,15 +95,17 @@ type Option func(*options)
 
 type options struct {
 	creds   credentials.TransportCredentials
+	tls     *TLSOptions // set by WithTLS; used for TCP addresses
 	maxRecv int
 	maxSend int
 }
 
 // WithTransportCredentials sets the transport security of the connection
 // (for example TLS from [google.golang.org/grpc/credentials.NewTLS]). It is
-// required for TCP to a non-loopback host.
+// required for TCP to a non-loopback host, unless [WithTLS] is given.
+// It overrides an earlier [WithTLS], and the other way round.
 func WithTransportCredentials(c credentials.TransportCredentials) Option {
-	return func(o *options) { o.creds = c }
+	return func(o *options) { o.creds, o.tls = c, nil }
 }
 
 // WithMaxRecvMsgSize sets the largest response, in bytes, the client
@@ -136,9 +141,12 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 		return nil, err
 	}
 	creds := o.creds
+	if o.tls != nil && a.network == "tcp" {
+		creds = o.tls.credentials(a.address)
+	}
 	if creds == nil {
 		if a.network == "tcp" && !a.loopback {
-			return nil, fmt.Errorf("hsmd client: refusing plaintext TCP to non-loopback address %q: use WithTransportCredentials", addr)
+			return nil, fmt.Errorf("hsmd client: refusing plaintext TCP to non-loopback address %q: use WithTLS or WithTransportCredentials", addr)
 		}
 		creds = insecure.NewCredentials()
 	}

@@ -1,7 +1,11 @@
 package quorum_test
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -112,6 +116,15 @@ func TestPolicyValidate(t *testing.T) {
 		"name with + in it":  func(p *quorum.Policy) { p.Operators[1].Name = "b+b" },
 		"unsupported type":   func(p *quorum.Policy) { p.Operators[1].Key = "bob+00000000+AgAA" },
 		"same key, new name": func(p *quorum.Policy) { p.Operators = append(p.Operators, p.Operators[0]) },
+		"one key under two valid names": func(p *quorum.Policy) {
+			k := strings.SplitN(alice.vkey, "+", 3)[2]
+			raw, _ := base64.StdEncoding.DecodeString(k)
+			h := sha256.Sum256(append([]byte("alice2\n"), raw...))
+			p.Operators = append(p.Operators, quorum.Operator{Name: "alice2", Key: fmt.Sprintf("alice2+%08x+%s", binary.BigEndian.Uint32(h[:4]), k)})
+			if _, err := quorum.NewVerifier(p.Operators[2].Key); err != nil {
+				t.Fatalf("the renamed key does not parse: %v", err)
+			}
+		},
 	} {
 		p := ok()
 		edit(p)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"golang.org/x/mod/sumdb/note"
@@ -78,10 +79,12 @@ func (p *Policy) verifiers() ([]note.Verifier, map[nameHash]string, error) {
 			return nil, nil, bad("operators[%d].name %.40q: want 1-%d bytes of UTF-8 without spaces or '+'", i, o.Name, MaxNameLen)
 		case names[o.Name]:
 			return nil, nil, bad("operators[%d].name %q is registered twice", i, o.Name)
-		case keys[o.Key]:
+		case keys[keyMaterial(o.Key)]:
+			// Compared without the name: a signature does not cover the
+			// name, so one key under two names would count twice.
 			return nil, nil, bad("operators[%d].key (%s) is registered twice", i, o.Name)
 		}
-		names[o.Name], keys[o.Key] = true, true
+		names[o.Name], keys[keyMaterial(o.Key)] = true, true
 		v, err := NewVerifier(o.Key)
 		if err != nil {
 			return nil, nil, bad("operators[%d].key (%s): %v", i, o.Name, err)
@@ -93,6 +96,13 @@ func (p *Policy) verifiers() ([]note.Verifier, map[nameHash]string, error) {
 		byKey[nameHash{v.Name(), v.KeyHash()}] = o.Name
 	}
 	return vs, byKey, nil
+}
+
+// keyMaterial is a verifier key without its name and hash: the key type
+// and public key (base64).
+func keyMaterial(vkey string) string {
+	parts := strings.SplitN(vkey, "+", 3)
+	return parts[len(parts)-1]
 }
 
 // ParsePolicy parses a policy in strict YAML (unknown keys are errors),

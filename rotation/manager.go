@@ -188,6 +188,22 @@ func (m *Manager) ScheduleDestroy(ctx context.Context, name string, v uint32, wa
 	})
 }
 
+// CheckScheduleDestroy reports whether ScheduleDestroy with the same
+// arguments would be accepted now, changing nothing: callers that must
+// spend something first (a quorum approval) check before spending.
+func (m *Manager) CheckScheduleDestroy(ctx context.Context, name string, v uint32, wait time.Duration) error {
+	if wait == 0 {
+		wait = DefaultDestroyWait
+	}
+	t, err := m.Store.GetTenant(ctx, name)
+	if err != nil {
+		return fmt.Errorf("rotation: %s tenant %q: %w", OpScheduleDestroy, name, err)
+	}
+	now := m.now()
+	DestroyDue(t, now)
+	return ScheduleDestroy(t, v, now, wait, m.minWait())
+}
+
 // SetPolicy replaces the policy of the tenant named name (see the function
 // SetPolicy). Errors as for Manager.Rotate, and ErrPolicy.
 func (m *Manager) SetPolicy(ctx context.Context, name string, p store.Policy) (*store.Tenant, error) {

@@ -85,7 +85,9 @@ func (s *Server) auditAfter(ctx context.Context, method, caller string, req, res
 	if code == codes.OK {
 		describeResponse(&e, resp)
 	}
-	if err := a.Append(ctx, e, kind == audit.KindResponse); err != nil {
+	// The call ran: its record must not depend on the caller still waiting
+	// (Append is bounded by the log's own timeout).
+	if err := a.Append(context.WithoutCancel(ctx), e, kind == audit.KindResponse); err != nil {
 		return errAuditUnavailable(ctx, s.log, err, kind == audit.KindResponse)
 	}
 	return nil
@@ -259,7 +261,8 @@ func KeyEvent(ctx context.Context, a Auditor, op, tenant string, versions []uint
 		return nil
 	}
 	e := audit.Entry{Kind: audit.KindKeyEvent, RequestID: requestID(ctx), Op: op, Tenant: clip(tenant, 256), KeyVersions: versions}
-	if err := a.Append(ctx, e, true); err != nil {
+	// The change is committed: record it even if the caller gave up.
+	if err := a.Append(context.WithoutCancel(ctx), e, true); err != nil {
 		return fmt.Errorf("audit key event %s on tenant %q: %w", op, tenant, err)
 	}
 	return nil

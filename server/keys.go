@@ -71,8 +71,18 @@ func (k *keysService) ScheduleDestroy(ctx context.Context, req *hsmdv1.ScheduleD
 	if _, err := k.s.tenant(ctx, req.Tenant); err != nil {
 		return nil, err
 	}
-	if err := k.s.authorize(ctx, req.Approval, destroyOperation(req.Tenant, req.Version)); err != nil {
-		return nil, err
+	if k.s.cfg.Quorum != nil {
+		// Refuse what would fail anyway before the approval is spent.
+		m, err := k.manager()
+		if err != nil {
+			return nil, err
+		}
+		if err := m.CheckScheduleDestroy(ctx, req.Tenant, req.Version, wait); err != nil {
+			return nil, rotationStatus(err)
+		}
+		if err := k.s.authorize(ctx, req.Approval, destroyOperation(req.Tenant, req.Version, req.WaitSeconds)); err != nil {
+			return nil, err
+		}
 	}
 	return k.apply(ctx, req.Tenant, func(m *rotation.Manager) (*store.Tenant, error) {
 		return m.ScheduleDestroy(ctx, req.Tenant, req.Version, wait)

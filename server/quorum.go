@@ -54,6 +54,10 @@ func shredOperation(tenant string) quorum.Operation {
 	return quorum.Operation{Kind: quorum.KindShredTenant, Params: map[string]string{"tenant": tenant}}
 }
 
-func destroyOperation(tenant string, v uint32) quorum.Operation {
-	return quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": tenant, "version": strconv.FormatUint(uint64(v), 10)}}
+// destroyOperation covers the waiting period too: approvers approve
+// destroying that version after that wait (0: the default).
+func destroyOperation(tenant string, v uint32, waitSeconds int64) quorum.Operation {
+	return quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{
+		"tenant": tenant, "version": strconv.FormatUint(uint64(v), 10), "wait_seconds": strconv.FormatInt(waitSeconds, 10),
+	}}
 }

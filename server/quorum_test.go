@@ -99,9 +99,21 @@ func TestQuorumDestructiveCalls(t *testing.T) {
 		_, err := s.keys.ScheduleDestroy(ctx, &hsmdv1.ScheduleDestroyRequest{Tenant: "t", Version: 1, WaitSeconds: 7200, Approval: approval})
 		return err
 	}
-	destroyOp := quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": "t", "version": "1"}}
+	destroyOp := quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": "t", "version": "1", "wait_seconds": "7200"}}
 	if err := destroy(approve(destroyOp, later, 1)); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("destroy with one approval: %v", err)
+	}
+	shortWait := quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": "t", "version": "1", "wait_seconds": "3600"}}
+	if err := destroy(approve(shortWait, later, 2)); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "another operation") {
+		t.Fatalf("destroy with an approval for another waiting period: %v", err)
+	}
+	// A call that would fail anyway (the current version) spends nothing.
+	cur := approve(quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": "t", "version": "2", "wait_seconds": "7200"}}, later, 2)
+	if _, err := s.keys.ScheduleDestroy(ctx, &hsmdv1.ScheduleDestroyRequest{Tenant: "t", Version: 2, WaitSeconds: 7200, Approval: cur}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("destroy of the current version: %v", err)
+	}
+	if _, err := pol.Verify(cur, quorum.Operation{Kind: quorum.KindDestroyVersion, Params: map[string]string{"tenant": "t", "version": "2", "wait_seconds": "7200"}}, s.clock.Now()); err != nil {
+		t.Fatalf("the approval of a refused call is no longer valid: %v", err)
 	}
 	if err := destroy(approve(destroyOp, later, 2)); err != nil {
 		t.Fatalf("destroy with two approvals: %v", err)

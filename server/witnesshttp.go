@@ -13,6 +13,7 @@ import (
 
 	"github.com/transparency-dev/formats/log"
 
+	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/signing"
 )
 
@@ -53,8 +54,17 @@ const (
 //
 // It is safe for concurrent use.
 type WitnessHandler struct {
-	w   *signing.Witness
-	log *slog.Logger
+	w     *signing.Witness
+	log   *slog.Logger
+	audit Auditor
+}
+
+// Audited makes the handler record each add-checkpoint in a (durably,
+// before it runs and before the reply, as the gRPC SignCheckpoint is):
+// a request the log cannot record is refused with 503.
+func (h *WitnessHandler) Audited(a Auditor) *WitnessHandler {
+	h.audit = a
+	return h
 }
 
 var _ http.Handler = (*WitnessHandler)(nil)
@@ -95,15 +105,58 @@ func (h *WitnessHandler) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		return
 	}
 	oldSize, proof, cp, err := parseAddCheckpoint(body)
+	id := newRequestID()
+	e := audit.Entry{RequestID: id, Caller: "http:" + r.RemoteAddr, Method: "add-checkpoint", Detail: checkpointSummary(cp, oldSize)}
+	if !h.record(r.Context(), rw, e, audit.KindRequest) {
+		return
+	}
+	rec := &statusRecorder{ResponseWriter: rw, code: http.StatusOK}
 	if err == nil {
 		var sigs []byte
 		if sigs, err = h.w.AddCheckpoint(r.Context(), oldSize, proof, cp); err == nil {
+			if !h.record(r.Context(), rw, withCode(e, http.StatusOK), audit.KindResponse) {
+				return
+			}
 			rw.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			rw.Write(sigs)
 			return
 		}
 	}
-	h.writeError(r.Context(), rw, err, oldSize, len(proof), cp)
+	h.writeError(r.Context(), rec, err, oldSize, len(proof), cp)
+	h.record(r.Context(), nil, withCode(e, rec.code), audit.KindResponse)
+}
+
+// record appends e durably as kind; if it cannot and rw is set, it
+// answers 503 and reports false.
+func (h *WitnessHandler) record(ctx context.Context, rw http.ResponseWriter, e audit.Entry, kind string) bool {
+	if h.audit == nil {
+		return true
+	}
+	e.Kind = kind
+	if err := h.audit.Append(context.WithoutCancel(ctx), e, true); err != nil {
+		h.log.LogAttrs(ctx, slog.LevelError, "audit log refused an add-checkpoint entry", slog.String("request_id", e.RequestID), slog.Any("error", err))
+		if rw != nil {
+			http.Error(rw, fmt.Sprintf("the audit log cannot record this request; retry later (request id %s)", e.RequestID), http.StatusServiceUnavailable)
+		}
+		return false
+	}
+	return true
+}
+
+func withCode(e audit.Entry, code int) audit.Entry {
+	e.Code = strconv.Itoa(code)
+	return e
+}
+
+// statusRecorder remembers the status written through it.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.code = code
+	s.ResponseWriter.WriteHeader(code)
 }
 
 // writeError answers a refused or failed add-checkpoint.

@@ -319,14 +319,17 @@ func TestWitnessDaemon(t *testing.T) {
 		t.Fatalf("after a restart, stale old size: %d %q", code, body)
 	}
 	d.stop(t)
-	n := 0
+	grpcN, httpN := 0, 0
 	for _, e := range verifyAuditDir(t, dir) {
-		if e.Method == "SignCheckpoint" && strings.Contains(e.Detail, `origin="example.com/log"`) {
-			n++
+		switch {
+		case e.Method == "SignCheckpoint" && strings.Contains(e.Detail, `origin="example.com/log"`):
+			grpcN++
+		case e.Method == "add-checkpoint" && strings.Contains(e.Detail, `origin="example.com/log"`):
+			httpN++
 		}
 	}
-	// The gRPC call: request and response entries.
-	if n != 2 {
-		t.Fatalf("%d SignCheckpoint entries, want 2", n)
+	// Request and response entries: one gRPC call, three HTTP ones.
+	if grpcN != 2 || httpN != 6 {
+		t.Fatalf("%d SignCheckpoint and %d add-checkpoint entries, want 2 and 6", grpcN, httpN)
 	}
 }

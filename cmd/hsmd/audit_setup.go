@@ -166,21 +166,30 @@ func (p *parts) openAudit(ctx context.Context) error {
 	p.closers = append(p.closers, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := l.Append(ctx, audit.Entry{Kind: audit.KindSystem, Op: "stop"}, true); err != nil {
-			p.log.Warn("audit: recording the stop", slog.Any("error", err))
+		// Only a log that recorded a start records the stop: a start refused
+		// (a rolled-back log, say) must not add to the log it refused.
+		if p.auditStarted {
+			if err := l.Append(ctx, audit.Entry{Kind: audit.KindSystem, Op: "stop"}, true); err != nil {
+				p.log.Warn("audit: recording the stop", slog.Any("error", err))
+			}
 		}
 		return l.Close(ctx)
 	})
 	return nil
 }
 
-// checkAnchor refuses a truncated or rolled-back audit log at start: the
-// log must extend the head its TPM-bound anchor recorded, and the anchor
-// must not be older than the TPM's counter n. From then on the anchor is
-// rewritten with each advance of the counter.
-func (p *parts) checkAnchor(ctx context.Context, n uint64) error {
-	if err := p.audit.CheckAnchor(ctx, n, p.secrets.MAC); err != nil {
-		return withHint(err, "restore the audit directory from the latest backup of this data directory; `hsmd audit verify` tells what is damaged")
+// checkAnchor refuses a truncated, rolled-back or deleted audit log at
+// start: the log must extend the head its TPM-bound anchor recorded, and
+// the anchor must not be older than the TPM's counter n. A missing log is
+// accepted only on the data directory's first start (fresh) or with
+// --new-audit-log. From then on the anchor is rewritten with each advance
+// of the counter.
+func (p *parts) checkAnchor(ctx context.Context, n uint64, fresh bool) error {
+	if err := p.audit.CheckAnchor(ctx, n, p.secrets.MAC, fresh || p.newAuditLog); err != nil {
+		return withHint(err, "restore the audit directory from the latest backup of this data directory (`hsmd audit verify` tells what is damaged); to begin a new log on purpose (a data directory from before the audit log), start once with --new-audit-log")
+	}
+	if p.newAuditLog && !fresh {
+		p.log.Warn("--new-audit-log: beginning a new audit log on an existing data directory")
 	}
 	p.counter.OnBind = func(ctx context.Context, next uint64) error {
 		return p.audit.Bind(ctx, next, p.secrets.MAC)

@@ -35,7 +35,11 @@ type parts struct {
 	auditMLDSA []byte
 	// auditMetrics, if set, observes each write of the audit log.
 	auditMetrics func(n int, d time.Duration, err error)
-	closers      []func() error
+	// auditStarted: the log took this start's entry (so it takes the stop).
+	auditStarted bool
+	// newAuditLog: --new-audit-log, a missing log may begin anew.
+	newAuditLog bool
+	closers     []func() error
 }
 
 func (p *parts) close() {
@@ -54,7 +58,7 @@ func (p *parts) close() {
 // directory was rolled back. initKeys creates the root keys on a token that
 // has none (hsmd init, and the dev profile's first start).
 func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devSetup, log *slog.Logger) (_ *parts, err error) {
-	p := &parts{cfg: c, log: log, insecure: insecure}
+	p := &parts{cfg: c, log: log, insecure: insecure, newAuditLog: c.newAuditLog}
 	defer func() {
 		if err != nil {
 			p.close()
@@ -177,7 +181,7 @@ func (p *parts) bindCounter(ctx context.Context, fresh bool, n uint64) error {
 		return counterHint(err)
 	}
 	p.counter = localstate.NewCounter(p.tpm, p.store, n)
-	if err := p.checkAnchor(ctx, n); err != nil {
+	if err := p.checkAnchor(ctx, n, fresh); err != nil {
 		return err
 	}
 	if n, err = p.counter.Advance(ctx); err != nil {

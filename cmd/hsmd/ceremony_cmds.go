@@ -6,14 +6,17 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/ceremony"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/localstate"
 	"github.com/hsmd/hsmd/quorum"
 )
 
@@ -159,8 +162,18 @@ func ceremonyOnNewToken(ctx context.Context, env *cliEnv, sub string, f *ceremon
 		// The dev token's PIN file (--insecure-no-tpm) or an existing dev
 		// data dir: bootstrap below refuses a token that has roots.
 	default:
-		if exists(filepath.Join(c.DataDir, "tpm", "sealed.bin")) {
+		if exists(filepath.Join(c.DataDir, localstate.SealedFile)) {
 			return withHint(errors.New("this data directory is initialised"), "root-init and restore set up a new data directory and token")
+		}
+		// As `hsmd init`: the PIN from hsm.pin_file is sealed to the TPM
+		// once the roots exist.
+		if sub == "run" {
+			pin, err := c.HSM.ReadPIN()
+			if err != nil {
+				return err
+			}
+			dev.newPIN = pin
+			defer clear(pin)
 		}
 	}
 	h, err := hsm.Open(ctx, hc)
@@ -208,8 +221,11 @@ func printPlan(ctx context.Context, env *cliEnv, f *ceremony.File, cenv *ceremon
 		fmt.Fprintf(env.stdout, "  %2d. %s\n", i+1, s)
 	}
 	if op, ok := f.Operation(); ok {
-		fmt.Fprintf(env.stdout, "approvals needed for: %s\n  create the request with: hsmd approve new --kind %s --param ceremony=%s --param file_sha256=%s --out REQUEST\n",
-			op, op.Kind, op.Params["ceremony"], op.Params["file_sha256"])
+		params := ""
+		for _, k := range slices.Sorted(maps.Keys(op.Params)) {
+			params += " --param " + k + "=" + op.Params[k]
+		}
+		fmt.Fprintf(env.stdout, "approvals needed for: %s\n  create the request with: hsmd approve new --kind %s%s --out REQUEST\n", op, op.Kind, params)
 	}
 	fmt.Fprintln(env.stdout, "nothing was changed")
 	return nil

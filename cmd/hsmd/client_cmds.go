@@ -45,6 +45,7 @@ func init() {
 type connFlags struct {
 	addr    string
 	timeout time.Duration
+	tls     tlsFlags
 }
 
 // newClientFlagSet returns a flag set for a client command with the
@@ -63,6 +64,7 @@ func newClientFlagSet(env *cliEnv, name, usage string) (*flag.FlagSet, *connFlag
 	}
 	fs.StringVar(&cf.addr, "addr", addr, "hsmd address: unix:///abs/path, unix:rel/path or host:port (env HSMD_ADDR)")
 	fs.DurationVar(&cf.timeout, "timeout", time.Minute, "give up after this long")
+	cf.tls.register(fs, env)
 	return fs, cf
 }
 
@@ -99,7 +101,11 @@ func parseClientFlags(fs *flag.FlagSet, args []string) ([]string, error) {
 // dial returns a client of hsmd. It does not connect yet, so it fails only
 // on a bad --addr (a usage error).
 func (cf *connFlags) dial(ctx context.Context) (*client.Client, error) {
-	c, err := client.Dial(ctx, cf.addr, client.WithMaxRecvMsgSize(cliMsgSize), client.WithMaxSendMsgSize(cliMsgSize))
+	opts, err := cf.tls.options(cf.addr)
+	if err != nil {
+		return nil, err
+	}
+	c, err := client.Dial(ctx, cf.addr, append(opts, client.WithMaxRecvMsgSize(cliMsgSize), client.WithMaxSendMsgSize(cliMsgSize))...)
 	if err != nil {
 		return nil, &usageError{msg: "--addr: " + err.Error()}
 	}
@@ -124,7 +130,7 @@ func clientRPCError(op string, err error) error {
 	st := se.GRPCStatus()
 	out := fmt.Errorf("%s: %s (%s)", op, st.Message(), st.Code())
 	if st.Code() == codes.Unavailable {
-		return withHint(out, connectHint)
+		return withHint(out, unavailableHint(st.Message()))
 	}
 	return out
 }

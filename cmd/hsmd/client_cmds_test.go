@@ -256,7 +256,7 @@ func TestEncryptDecryptUsage(t *testing.T) {
 		{"encrypt", "--tenant", "t1", "--context", "=v"},
 		{"encrypt", "--tenant", "t1", "--context", "k=1", "--context", "k=2"},
 		{"decrypt", "file.txt"},
-		{"decrypt", "--addr", "10.0.0.1:443"},
+		{"decrypt", "--addr", "10.0.0.1:443", "--plaintext"}, // plaintext beyond loopback
 		{"encrypt", "--tenant", "t1", "--addr", "ftp://x"},
 	} {
 		if r := runCLI(t, addr, strings.NewReader("x"), args...); r.code != 2 {

@@ -39,12 +39,15 @@ type Config struct {
 	Witness  WitnessConfig  `yaml:"witness"`
 	Quorum   QuorumConfig   `yaml:"quorum"`
 	Log      LogConfig      `yaml:"log"`
+	TLS      TLSConfig      `yaml:"tls"`
+
+	newAuditLog bool // --new-audit-log (not in the file)
 }
 
 // ListenConfig says where hsmd listens. An empty address is not served.
 type ListenConfig struct {
 	Unix    string `yaml:"unix"`    // socket path; default <data_dir>/hsmd.sock
-	TCP     string `yaml:"tcp"`     // host:port; plaintext, so loopback only (mTLS comes with the security issue)
+	TCP     string `yaml:"tcp"`     // host:port; TLS 1.3 with a tls: section, else plaintext and loopback only
 	Metrics string `yaml:"metrics"` // host:port of the Prometheus /metrics endpoint
 	// Witness is the host:port of the C2SP tlog-witness HTTP endpoint
 	// (POST /add-checkpoint); not served if empty. Requests are
@@ -123,6 +126,9 @@ func (c *Config) validate(insecure bool) error {
 		return err
 	}
 	if err := c.validateAudit(); err != nil {
+		return err
+	}
+	if err := c.TLS.validate(); err != nil {
 		return err
 	}
 	switch c.Log.Level {

@@ -28,7 +28,8 @@ type devSetup struct {
 
 // devProfile turns c into the development profile: a SoftHSM token under
 // the data directory, made on first use; the in-process TPM simulator
-// (unless insecure); loopback listeners. It sets SOFTHSM2_CONF for this
+// (unless insecure); loopback listeners, TCP with TLS under a self-signed
+// certificate (see devTLS). It sets SOFTHSM2_CONF for this
 // process, so it must run before the HSM is opened.
 //
 // With a TPM no PIN is ever written to disk: a new token's user PIN is
@@ -46,6 +47,9 @@ func devProfile(c *Config, insecure bool, logf func(string, ...any)) (devSetup, 
 	}
 	if c.Listen.Metrics == "" {
 		c.Listen.Metrics = DefaultMetricsAddr
+	}
+	if err := devTLS(c, time.Now(), logf); err != nil {
+		return devSetup{}, err
 	}
 	dir := filepath.Join(c.DataDir, "softhsm")
 	if err := os.MkdirAll(dir, 0o700); err != nil {

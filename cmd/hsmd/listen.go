@@ -54,7 +54,7 @@ func (d *daemon) listen() ([]listener, error) {
 			continue
 		}
 		if !a.metrics {
-			if err := checkLoopback(a.addr); err != nil {
+			if err := checkTCPListen(a.addr, &d.cfg.TLS); err != nil {
 				return fail(err)
 			}
 		}
@@ -133,7 +133,7 @@ func (d *daemon) announce(env *cliEnv, ls []listener) {
 			fmt.Fprintf(w, "  grpc     %s\n", l.name)
 			addr = l.name
 		default:
-			fmt.Fprintf(w, "  grpc     %s (plaintext, loopback only)\n", l.name)
+			fmt.Fprintf(w, "  grpc     %s (%s)\n", l.name, d.cfg.TLS.describe())
 		}
 	}
 	bin := os.Args[0]

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -36,6 +37,8 @@ type profileFlags struct {
 	dev      bool
 	dataDir  string
 	insecure bool // --insecure-no-tpm
+	// newAuditLog is --new-audit-log.
+	newAuditLog bool
 }
 
 func (p *profileFlags) register(fs *flag.FlagSet) {
@@ -43,6 +46,7 @@ func (p *profileFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&p.dev, "dev", false, "development profile: a SoftHSM token under the data dir, made on first start, and loopback listeners")
 	fs.StringVar(&p.dataDir, "data-dir", "", "data directory (default "+DefaultDataDir+")")
 	fs.BoolVar(&p.insecure, "insecure-no-tpm", false, "run without a TPM: the PIN stays in its file and the data directory is not protected against edits or rollback")
+	fs.BoolVar(&p.newAuditLog, "new-audit-log", false, "accept a missing audit log and begin a new one (a data directory from before the audit log); never needed otherwise")
 }
 
 // load builds the configuration from the file and the flags, and sets up
@@ -58,6 +62,7 @@ func (p *profileFlags) load(logf func(string, ...any)) (*Config, devSetup, error
 			return nil, devSetup{}, err
 		}
 	}
+	c.newAuditLog = p.newAuditLog
 	return c, dev, c.validate(p.insecure)
 }
 
@@ -91,7 +96,7 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 	p.register(fs)
 	var l ListenConfig
 	fs.StringVar(&l.Unix, "listen-unix", "", "unix socket path (default <data-dir>/hsmd.sock)")
-	fs.StringVar(&l.TCP, "listen-tcp", "", "TCP address, loopback only (dev default "+DefaultTCPAddr+")")
+	fs.StringVar(&l.TCP, "listen-tcp", "", "TCP address: TLS with a tls: configuration (the dev profile's), else plaintext and loopback only (dev default "+DefaultTCPAddr+")")
 	fs.StringVar(&l.Metrics, "listen-metrics", "", "metrics address (dev default "+DefaultMetricsAddr+")")
 	if err := fs.Parse(args); err != nil {
 		return &usageError{err.Error()}
@@ -191,6 +196,7 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		d.close()
 		return nil, withHint(err, "the audit log cannot record the start: check that "+filepath.Join(c.DataDir, "audit")+" is writable and has space")
 	}
+	pt.auditStarted = true
 	return d, nil
 }
 
@@ -248,7 +254,11 @@ func (d *daemon) changed(ctx context.Context, eng *envelope.Engine, cs ...rotati
 
 // serve listens and serves until ctx is done, then stops gracefully.
 func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
-	g := grpc.NewServer(d.srv.ServerOptions()...)
+	creds, err := d.transportOptions()
+	if err != nil {
+		return err
+	}
+	g := grpc.NewServer(append(d.srv.ServerOptions(), creds...)...)
 	d.srv.Register(g)
 	var witnessHTTP http.Handler
 	if d.witness != nil {
@@ -257,9 +267,11 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 			return err
 		}
 		ws.Register(g)
-		if witnessHTTP, err = server.NewWitnessHandler(d.witness, d.log); err != nil {
+		wh, err := server.NewWitnessHandler(d.witness, d.log)
+		if err != nil {
 			return err
 		}
+		witnessHTTP = wh.Audited(d.audit)
 	}
 	ls, err := d.listen()
 	if err != nil {
@@ -267,9 +279,14 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	go d.srv.WatchReady(ctx, 5*time.Second)
-	go d.sched.Run(ctx)
-	go d.srv.WatchKeys(ctx, time.Minute)
+	// The background jobs finish before serve returns, so that the audit
+	// log and the store (closed after) outlive any key change they make.
+	var jobs sync.WaitGroup
+	defer jobs.Wait()
+	defer cancel()
+	jobs.Go(func() { d.srv.WatchReady(ctx, 5*time.Second) })
+	jobs.Go(func() { d.sched.Run(ctx) })
+	jobs.Go(func() { d.srv.WatchKeys(ctx, time.Minute) })
 	errc := make(chan error, len(ls)+1)
 	var metricsSrv, witnessSrv *http.Server
 	for _, l := range ls {
