@@ -194,14 +194,36 @@ func TestAuditRollbackRefusedAtStart(t *testing.T) {
 			t.Fatalf("start with a rolled-back audit log: %v\n%s", err, out)
 		}
 	}
-	// The whole audit directory from the older copy.
+	// The whole audit directory from the older copy; the refused start
+	// adds nothing to it.
 	restoreTree(t, old, ad)
+	before := mustReadFile(t, filepath.Join(ad, audit.CheckpointsFile))
 	refused("older copy")
+	if after := mustReadFile(t, filepath.Join(ad, audit.CheckpointsFile)); string(after) != string(before) {
+		t.Fatal("a refused start published a checkpoint on the log it refused")
+	}
 	// The older log with the newer anchor: truncated.
 	if err := os.WriteFile(filepath.Join(ad, audit.AnchorFile), newAnchor, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	refused("truncated")
+	// The audit directory deleted: refused, unless a new log is asked for.
+	if err := os.RemoveAll(ad); err != nil {
+		t.Fatal(err)
+	}
+	refused("missing")
+	cmd := serveCmd(t, r.dir)
+	cmd.Args = append(cmd.Args, "--new-audit-log")
+	startDaemon(t, cmd).stop(t)
+}
+
+func mustReadFile(t *testing.T, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 var witnessLine = regexp.MustCompile(`witness +(http://\S+)`)
