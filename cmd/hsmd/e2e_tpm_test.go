@@ -272,3 +272,31 @@ func restoreTree(t *testing.T, src, dst string) {
 		t.Fatal(err)
 	}
 }
+
+// TestTPMCeremonyRootInit: a root-init ceremony on a new data directory with
+// swtpm seals the PIN as `hsmd init` does, so serve then starts from the
+// TPM alone, and the ceremony's steps are in the audit log.
+func TestTPMCeremonyRootInit(t *testing.T) {
+	s := newTPMSetup(t)
+	if err := os.WriteFile(filepath.Join(s.dir, "init.yaml"), []byte("ceremony: root-init\nid: init\ntranscript: init.transcript\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := s.cmd(t, "ceremony", "run", "init.yaml").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "transcript signed by") {
+		t.Fatalf("ceremony run: %v\n%s", err, out)
+	}
+	pinFile := strings.TrimSpace(between(string(mustRead(t, s.conf)), "pin_file: ", "\n"))
+	os.Remove(pinFile) // from now on the PIN lives only in the TPM
+	d := startDaemon(t, s.cmd(t, "serve"))
+	mustCLI(t, s.dir, "", "tenants", "create", "--addr", s.sock(), "acme")
+	d.stop(t)
+	n := 0
+	for _, e := range verifyAuditDir(t, s.dir) {
+		if strings.HasPrefix(e.Op, "ceremony.") {
+			n++
+		}
+	}
+	if n < 5 {
+		t.Fatalf("%d ceremony entries in the audit log", n)
+	}
+}
