@@ -2,6 +2,7 @@ package envelope
 
 import (
 	"context"
+	"crypto/hpke"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -42,8 +43,10 @@ type group struct {
 	tenantID uint64
 	version  uint32
 	seed     [wire.SeedSize]byte
+	suite    byte
 	ref      *KeyRef
 	key      *dek
+	priv     hpke.PrivateKey // suite 0x02
 	err      error
 	fresh    bool        // derived by this call, not yet cached
 	opened   atomic.Bool // at least one item authenticated
@@ -77,6 +80,12 @@ func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext)
 	}
 	e.keysFor(ctx, resolve, groups)
 
+	weight := total
+	for i := range ps {
+		if res[i].Err == nil && ps[i].hdr.Suite == wire.SuiteXWing {
+			weight += xwingWeight
+		}
+	}
 	slab := make([]byte, total)
 	off := 0
 	for i := range ps {
@@ -87,13 +96,17 @@ func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext)
 			}
 		}
 	}
-	e.parallel(len(items), total, func(lo, hi int) {
+	e.parallel(len(items), weight, func(lo, hi int) {
 		var aadBuf [256]byte
 		for i := lo; i < hi; i++ {
 			if res[i].Err != nil {
 				continue
 			}
 			p, g := &ps[i], groups[ps[i].group]
+			if p.hdr.Suite == wire.SuiteXWing {
+				e.openXWingItem(&res[i], p, g, items[i].Context)
+				continue
+			}
 			aad := wire.AppendAAD(aadBuf[:0], p.raw[:wire.HeaderSize], g.ref.Tenant, items[i].Context)
 			pt, err := g.key.aead.Open(res[i].Plaintext, p.hdr.Nonce[:], p.raw[wire.HeaderSize:], aad)
 			if err != nil {
@@ -120,6 +133,7 @@ func parseAll(items []Ciphertext, ps []parsed, res []Opened) ([]*group, int) {
 		tenantID uint64
 		version  uint32
 		seed     [wire.SeedSize]byte
+		suite    byte
 	}
 	index := map[gk]int{}
 	var groups []*group
@@ -133,7 +147,7 @@ func parseAll(items []Ciphertext, ps []parsed, res []Opened) ([]*group, int) {
 				continue
 			}
 		}
-		h, body, err := wire.Parse(data)
+		h, body, err := parseItem(data)
 		if err != nil {
 			res[i].Err = err
 			continue
@@ -141,16 +155,16 @@ func parseAll(items []Ciphertext, ps []parsed, res []Opened) ([]*group, int) {
 		p := &ps[i]
 		*p = parsed{raw: data, hdr: h, size: len(body) - wire.TagSize}
 		total += p.size
-		if prev >= 0 && h.TenantID == ps[prev].hdr.TenantID && h.KeyVersion == ps[prev].hdr.KeyVersion && h.Seed == ps[prev].hdr.Seed {
+		if prev >= 0 && h.TenantID == ps[prev].hdr.TenantID && h.KeyVersion == ps[prev].hdr.KeyVersion && h.Seed == ps[prev].hdr.Seed && h.Suite == ps[prev].hdr.Suite {
 			p.group, prev = ps[prev].group, i
 			continue
 		}
-		k := gk{h.TenantID, h.KeyVersion, h.Seed}
+		k := gk{h.TenantID, h.KeyVersion, h.Seed, h.Suite}
 		gi, ok := index[k]
 		if !ok {
 			gi = len(groups)
 			index[k] = gi
-			groups = append(groups, &group{tenantID: k.tenantID, version: k.version, seed: k.seed})
+			groups = append(groups, &group{tenantID: k.tenantID, version: k.version, seed: k.seed, suite: k.suite})
 		}
 		p.group, prev = gi, i
 	}
@@ -181,6 +195,10 @@ func (e *Engine) keysFor(ctx context.Context, resolve Resolver, groups []*group)
 			refs[k] = r
 		}
 		if g.ref, g.err = r.ref, r.err; g.err != nil {
+			continue
+		}
+		if g.suite == wire.SuiteXWing {
+			g.priv, g.err = e.xwingKey(ctx, g.ref)
 			continue
 		}
 		g.key, g.fresh, g.err = e.openingKey(ctx, g.ref, g.seed)

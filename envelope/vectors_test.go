@@ -30,7 +30,7 @@ func TestVectors(t *testing.T) {
 	}
 	for _, v := range vs {
 		t.Run(v.Name, func(t *testing.T) {
-			e := newEngine(t, softprf.New(map[uint32][]byte{v.KDKVersion: v.KDK}), nil)
+			e := newEngine(t, softprf.New(map[uint32][]byte{v.KDKVersion: v.KDK}), vectorXWing(t, &v))
 			data := []byte(v.Text)
 			if v.Text == "" {
 				data = v.Ciphertext
@@ -40,6 +40,10 @@ func TestVectors(t *testing.T) {
 			case vectors.Success:
 				if res[0].Err != nil || !bytes.Equal(res[0].Plaintext, v.Plaintext) {
 					t.Fatalf("open: %v", res[0].Err)
+				}
+				if v.XWingPrivateKey != nil {
+					checkXWingIndependently(t, &v)
+					break
 				}
 				checkIndependently(t, &v)
 				reseal(t, &v)

@@ -216,6 +216,8 @@ func DestroyDue(t *store.Tenant, now time.Time) []uint32 {
 		}
 		clear(kv.Salt)
 		kv.Salt = nil
+		clear(kv.XWingSealed) // the sealed X-Wing private key goes with the salt
+		kv.XWingSealed = nil
 		kv.State = store.StateDestroyed
 		out = append(out, kv.Version)
 	}

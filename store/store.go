@@ -67,6 +67,12 @@ type KeyVersion struct {
 	// DEKs counts the data keys derived to encrypt under this version
 	// (one per seed), for Policy.MaxDEKsPerVersion.
 	DEKs uint64 `json:"deks,omitempty"`
+	// XWingPublic is the version's X-Wing (MLKEM768-X25519) public key for
+	// offline HPKE producers (docs/FORMAT.md, suite 0x02), nil until one is
+	// made. XWingSealed is its private key sealed under the HSM wrap key
+	// (never the key itself), nil once the version is destroyed.
+	XWingPublic []byte `json:"xwing_public,omitempty"`
+	XWingSealed []byte `json:"xwing_sealed,omitempty"`
 }
 
 // Policy is a tenant's key policy.
@@ -147,6 +153,10 @@ func (kv *KeyVersion) validate() error {
 		return fmt.Errorf("%w: key version 0", ErrInvalid)
 	case kv.State == StateDestroyed && kv.Salt != nil:
 		return fmt.Errorf("%w: version %d is destroyed but keeps its salt", ErrInvalid, kv.Version)
+	case kv.State == StateDestroyed && kv.XWingSealed != nil:
+		return fmt.Errorf("%w: version %d is destroyed but keeps its X-Wing private key", ErrInvalid, kv.Version)
+	case (kv.XWingSealed == nil) != (kv.XWingPublic == nil) && kv.State != StateDestroyed:
+		return fmt.Errorf("%w: version %d has half an X-Wing key pair", ErrInvalid, kv.Version)
 	case kv.State != StateDestroyed && (len(kv.Salt) != SaltSize || isZero(kv.Salt)):
 		return fmt.Errorf("%w: version %d has no valid salt", ErrInvalid, kv.Version)
 	}

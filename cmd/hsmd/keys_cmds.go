@@ -35,8 +35,10 @@ subcommands:
                          destroy version V after a waiting period; until then it
                          refuses to decrypt and cancel-destroy can stop it
   cancel-destroy T V     cancel a scheduled destruction; V stays disabled
+  public T               print the X-Wing public key of the current version, for
+                         producers that seal records offline (docs/FORMAT.md, suite 0x02)
 
-Each prints the resulting key as show does.`
+Each other subcommand prints the resulting key as show does.`
 
 // keysOp describes one keys subcommand.
 type keysOp struct {
@@ -53,6 +55,7 @@ var keysOps = map[string]keysOp{
 	"enable":         {version: true, what: "enable key version"},
 	"destroy":        {version: true, flags: " [--wait D]", what: "schedule key version destruction"},
 	"cancel-destroy": {version: true, what: "cancel key version destruction"},
+	"public":         {what: "get public key"},
 }
 
 // keysCmd is one parsed keys invocation.
@@ -94,6 +97,9 @@ func runKeys(ctx context.Context, env *cliEnv, args []string) error {
 	defer c.Close()
 	ctx, cancel := cf.withTimeout(ctx)
 	defer cancel()
+	if sub == "public" {
+		return printPublicKey(ctx, env.stdout, c, k.tenant)
+	}
 	key, err := k.call(ctx, c)
 	if err != nil {
 		return clientRPCError(op.what, err)

@@ -723,6 +723,131 @@ func (*ShredTenantResponse) Descriptor() ([]byte, []int) {
 	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{12}
 }
 
+type GetPublicKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPublicKeyRequest) Reset() {
+	*x = GetPublicKeyRequest{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPublicKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPublicKeyRequest) ProtoMessage() {}
+
+func (x *GetPublicKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPublicKeyRequest.ProtoReflect.Descriptor instead.
+func (*GetPublicKeyRequest) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *GetPublicKeyRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+// PublicKey is what an offline producer needs to seal suite 0x02 records.
+type PublicKey struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tenant string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// tenant_id and key_version go into the ciphertext's header.
+	TenantId   uint64 `protobuf:"varint,2,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	KeyVersion uint32 `protobuf:"varint,3,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// algorithm names the HPKE ciphersuite:
+	// "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM".
+	Algorithm string `protobuf:"bytes,4,opt,name=algorithm,proto3" json:"algorithm,omitempty"`
+	// public_key is the X-Wing public key (1216 bytes).
+	PublicKey     []byte `protobuf:"bytes,5,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublicKey) Reset() {
+	*x = PublicKey{}
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublicKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublicKey) ProtoMessage() {}
+
+func (x *PublicKey) ProtoReflect() protoreflect.Message {
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublicKey.ProtoReflect.Descriptor instead.
+func (*PublicKey) Descriptor() ([]byte, []int) {
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PublicKey) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *PublicKey) GetTenantId() uint64 {
+	if x != nil {
+		return x.TenantId
+	}
+	return 0
+}
+
+func (x *PublicKey) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *PublicKey) GetAlgorithm() string {
+	if x != nil {
+		return x.Algorithm
+	}
+	return ""
+}
+
+func (x *PublicKey) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
 type Key struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Tenant         string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
@@ -737,7 +862,7 @@ type Key struct {
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -749,7 +874,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[13]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -762,7 +887,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{13}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Key) GetTenant() string {
@@ -815,7 +940,7 @@ type KeyPolicy struct {
 
 func (x *KeyPolicy) Reset() {
 	*x = KeyPolicy{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +952,7 @@ func (x *KeyPolicy) String() string {
 func (*KeyPolicy) ProtoMessage() {}
 
 func (x *KeyPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[14]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +965,7 @@ func (x *KeyPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyPolicy.ProtoReflect.Descriptor instead.
 func (*KeyPolicy) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{14}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *KeyPolicy) GetRotationPeriodSeconds() int64 {
@@ -873,7 +998,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +1010,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[15]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +1023,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{15}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RotateKeyRequest) GetTenant() string {
@@ -917,7 +1042,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -929,7 +1054,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[16]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -942,7 +1067,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{16}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetKeyRequest) GetTenant() string {
@@ -962,7 +1087,7 @@ type SetKeyPolicyRequest struct {
 
 func (x *SetKeyPolicyRequest) Reset() {
 	*x = SetKeyPolicyRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1099,7 @@ func (x *SetKeyPolicyRequest) String() string {
 func (*SetKeyPolicyRequest) ProtoMessage() {}
 
 func (x *SetKeyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[17]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1112,7 @@ func (x *SetKeyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKeyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*SetKeyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{17}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetKeyPolicyRequest) GetTenant() string {
@@ -1014,7 +1139,7 @@ type VersionRequest struct {
 
 func (x *VersionRequest) Reset() {
 	*x = VersionRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1151,7 @@ func (x *VersionRequest) String() string {
 func (*VersionRequest) ProtoMessage() {}
 
 func (x *VersionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[18]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1164,7 @@ func (x *VersionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VersionRequest.ProtoReflect.Descriptor instead.
 func (*VersionRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{18}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VersionRequest) GetTenant() string {
@@ -1072,7 +1197,7 @@ type ScheduleDestroyRequest struct {
 
 func (x *ScheduleDestroyRequest) Reset() {
 	*x = ScheduleDestroyRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1084,7 +1209,7 @@ func (x *ScheduleDestroyRequest) String() string {
 func (*ScheduleDestroyRequest) ProtoMessage() {}
 
 func (x *ScheduleDestroyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[19]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1097,7 +1222,7 @@ func (x *ScheduleDestroyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDestroyRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleDestroyRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{19}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ScheduleDestroyRequest) GetTenant() string {
@@ -1138,7 +1263,7 @@ type CreateTenantRequest struct {
 
 func (x *CreateTenantRequest) Reset() {
 	*x = CreateTenantRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1150,7 +1275,7 @@ func (x *CreateTenantRequest) String() string {
 func (*CreateTenantRequest) ProtoMessage() {}
 
 func (x *CreateTenantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[20]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1163,7 +1288,7 @@ func (x *CreateTenantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTenantRequest.ProtoReflect.Descriptor instead.
 func (*CreateTenantRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{20}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CreateTenantRequest) GetName() string {
@@ -1182,7 +1307,7 @@ type GetTenantRequest struct {
 
 func (x *GetTenantRequest) Reset() {
 	*x = GetTenantRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1319,7 @@ func (x *GetTenantRequest) String() string {
 func (*GetTenantRequest) ProtoMessage() {}
 
 func (x *GetTenantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[21]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1332,7 @@ func (x *GetTenantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTenantRequest.ProtoReflect.Descriptor instead.
 func (*GetTenantRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{21}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetTenantRequest) GetName() string {
@@ -1229,7 +1354,7 @@ type ListTenantsRequest struct {
 
 func (x *ListTenantsRequest) Reset() {
 	*x = ListTenantsRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1241,7 +1366,7 @@ func (x *ListTenantsRequest) String() string {
 func (*ListTenantsRequest) ProtoMessage() {}
 
 func (x *ListTenantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[22]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1254,7 +1379,7 @@ func (x *ListTenantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTenantsRequest.ProtoReflect.Descriptor instead.
 func (*ListTenantsRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{22}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListTenantsRequest) GetPageSize() int32 {
@@ -1282,7 +1407,7 @@ type ListTenantsResponse struct {
 
 func (x *ListTenantsResponse) Reset() {
 	*x = ListTenantsResponse{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1294,7 +1419,7 @@ func (x *ListTenantsResponse) String() string {
 func (*ListTenantsResponse) ProtoMessage() {}
 
 func (x *ListTenantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[23]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1307,7 +1432,7 @@ func (x *ListTenantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTenantsResponse.ProtoReflect.Descriptor instead.
 func (*ListTenantsResponse) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{23}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListTenantsResponse) GetTenants() []*Tenant {
@@ -1340,7 +1465,7 @@ type Tenant struct {
 
 func (x *Tenant) Reset() {
 	*x = Tenant{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1352,7 +1477,7 @@ func (x *Tenant) String() string {
 func (*Tenant) ProtoMessage() {}
 
 func (x *Tenant) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[24]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1365,7 +1490,7 @@ func (x *Tenant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tenant.ProtoReflect.Descriptor instead.
 func (*Tenant) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{24}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Tenant) GetName() string {
@@ -1421,7 +1546,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1433,7 +1558,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[25]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1446,7 +1571,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{25}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *KeyVersion) GetVersion() uint32 {
@@ -1518,7 +1643,7 @@ type SignCheckpointRequest struct {
 
 func (x *SignCheckpointRequest) Reset() {
 	*x = SignCheckpointRequest{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1530,7 +1655,7 @@ func (x *SignCheckpointRequest) String() string {
 func (*SignCheckpointRequest) ProtoMessage() {}
 
 func (x *SignCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[26]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1543,7 +1668,7 @@ func (x *SignCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*SignCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{26}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SignCheckpointRequest) GetOldSize() uint64 {
@@ -1594,7 +1719,7 @@ type SignCheckpointResponse struct {
 
 func (x *SignCheckpointResponse) Reset() {
 	*x = SignCheckpointResponse{}
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1606,7 +1731,7 @@ func (x *SignCheckpointResponse) String() string {
 func (*SignCheckpointResponse) ProtoMessage() {}
 
 func (x *SignCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[27]
+	mi := &file_api_hsmd_v1_hsmd_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1619,7 +1744,7 @@ func (x *SignCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*SignCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{27}
+	return file_api_hsmd_v1_hsmd_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SignCheckpointResponse) GetSignatures() []byte {
@@ -1683,7 +1808,17 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aconfirm\x18\x02 \x01(\tR\aconfirm\x12\x1a\n" +
 	"\bapproval\x18\x03 \x01(\fR\bapproval\"\x15\n" +
-	"\x13ShredTenantResponse\"\xd1\x01\n" +
+	"\x13ShredTenantResponse\"-\n" +
+	"\x13GetPublicKeyRequest\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\"\x9e\x01\n" +
+	"\tPublicKey\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x1b\n" +
+	"\ttenant_id\x18\x02 \x01(\x04R\btenantId\x12\x1f\n" +
+	"\vkey_version\x18\x03 \x01(\rR\n" +
+	"keyVersion\x12\x1c\n" +
+	"\talgorithm\x18\x04 \x01(\tR\talgorithm\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x05 \x01(\fR\tpublicKey\"\xd1\x01\n" +
 	"\x03Key\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12'\n" +
 	"\x0fcurrent_version\x18\x02 \x01(\rR\x0ecurrentVersion\x12/\n" +
@@ -1757,7 +1892,7 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\fCreateTenant\x12\x1c.hsmd.v1.CreateTenantRequest\x1a\x0f.hsmd.v1.Tenant\x127\n" +
 	"\tGetTenant\x12\x19.hsmd.v1.GetTenantRequest\x1a\x0f.hsmd.v1.Tenant\x12H\n" +
 	"\vListTenants\x12\x1b.hsmd.v1.ListTenantsRequest\x1a\x1c.hsmd.v1.ListTenantsResponse\x12H\n" +
-	"\vShredTenant\x12\x1b.hsmd.v1.ShredTenantRequest\x1a\x1c.hsmd.v1.ShredTenantResponse2\x93\x03\n" +
+	"\vShredTenant\x12\x1b.hsmd.v1.ShredTenantRequest\x1a\x1c.hsmd.v1.ShredTenantResponse2\xd5\x03\n" +
 	"\x04Keys\x124\n" +
 	"\tRotateKey\x12\x19.hsmd.v1.RotateKeyRequest\x1a\f.hsmd.v1.Key\x12.\n" +
 	"\x06GetKey\x12\x16.hsmd.v1.GetKeyRequest\x1a\f.hsmd.v1.Key\x12:\n" +
@@ -1765,7 +1900,8 @@ const file_api_hsmd_v1_hsmd_proto_rawDesc = "" +
 	"\x0eDisableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x126\n" +
 	"\rEnableVersion\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x12@\n" +
 	"\x0fScheduleDestroy\x12\x1f.hsmd.v1.ScheduleDestroyRequest\x1a\f.hsmd.v1.Key\x126\n" +
-	"\rCancelDestroy\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key2Z\n" +
+	"\rCancelDestroy\x12\x17.hsmd.v1.VersionRequest\x1a\f.hsmd.v1.Key\x12@\n" +
+	"\fGetPublicKey\x12\x1c.hsmd.v1.GetPublicKeyRequest\x1a\x12.hsmd.v1.PublicKey2Z\n" +
 	"\x05Audit\x12Q\n" +
 	"\x0eSignCheckpoint\x12\x1e.hsmd.v1.SignCheckpointRequest\x1a\x1f.hsmd.v1.SignCheckpointResponseB)Z'github.com/hsmd/hsmd/api/hsmd/v1;hsmdv1b\x06proto3"
 
@@ -1781,7 +1917,7 @@ func file_api_hsmd_v1_hsmd_proto_rawDescGZIP() []byte {
 	return file_api_hsmd_v1_hsmd_proto_rawDescData
 }
 
-var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_api_hsmd_v1_hsmd_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_api_hsmd_v1_hsmd_proto_goTypes = []any{
 	(*RewrapRequest)(nil),          // 0: hsmd.v1.RewrapRequest
 	(*RewrapResponse)(nil),         // 1: hsmd.v1.RewrapResponse
@@ -1796,71 +1932,75 @@ var file_api_hsmd_v1_hsmd_proto_goTypes = []any{
 	(*ItemError)(nil),              // 10: hsmd.v1.ItemError
 	(*ShredTenantRequest)(nil),     // 11: hsmd.v1.ShredTenantRequest
 	(*ShredTenantResponse)(nil),    // 12: hsmd.v1.ShredTenantResponse
-	(*Key)(nil),                    // 13: hsmd.v1.Key
-	(*KeyPolicy)(nil),              // 14: hsmd.v1.KeyPolicy
-	(*RotateKeyRequest)(nil),       // 15: hsmd.v1.RotateKeyRequest
-	(*GetKeyRequest)(nil),          // 16: hsmd.v1.GetKeyRequest
-	(*SetKeyPolicyRequest)(nil),    // 17: hsmd.v1.SetKeyPolicyRequest
-	(*VersionRequest)(nil),         // 18: hsmd.v1.VersionRequest
-	(*ScheduleDestroyRequest)(nil), // 19: hsmd.v1.ScheduleDestroyRequest
-	(*CreateTenantRequest)(nil),    // 20: hsmd.v1.CreateTenantRequest
-	(*GetTenantRequest)(nil),       // 21: hsmd.v1.GetTenantRequest
-	(*ListTenantsRequest)(nil),     // 22: hsmd.v1.ListTenantsRequest
-	(*ListTenantsResponse)(nil),    // 23: hsmd.v1.ListTenantsResponse
-	(*Tenant)(nil),                 // 24: hsmd.v1.Tenant
-	(*KeyVersion)(nil),             // 25: hsmd.v1.KeyVersion
-	(*SignCheckpointRequest)(nil),  // 26: hsmd.v1.SignCheckpointRequest
-	(*SignCheckpointResponse)(nil), // 27: hsmd.v1.SignCheckpointResponse
-	nil,                            // 28: hsmd.v1.EncryptItem.ContextEntry
-	nil,                            // 29: hsmd.v1.DecryptItem.ContextEntry
+	(*GetPublicKeyRequest)(nil),    // 13: hsmd.v1.GetPublicKeyRequest
+	(*PublicKey)(nil),              // 14: hsmd.v1.PublicKey
+	(*Key)(nil),                    // 15: hsmd.v1.Key
+	(*KeyPolicy)(nil),              // 16: hsmd.v1.KeyPolicy
+	(*RotateKeyRequest)(nil),       // 17: hsmd.v1.RotateKeyRequest
+	(*GetKeyRequest)(nil),          // 18: hsmd.v1.GetKeyRequest
+	(*SetKeyPolicyRequest)(nil),    // 19: hsmd.v1.SetKeyPolicyRequest
+	(*VersionRequest)(nil),         // 20: hsmd.v1.VersionRequest
+	(*ScheduleDestroyRequest)(nil), // 21: hsmd.v1.ScheduleDestroyRequest
+	(*CreateTenantRequest)(nil),    // 22: hsmd.v1.CreateTenantRequest
+	(*GetTenantRequest)(nil),       // 23: hsmd.v1.GetTenantRequest
+	(*ListTenantsRequest)(nil),     // 24: hsmd.v1.ListTenantsRequest
+	(*ListTenantsResponse)(nil),    // 25: hsmd.v1.ListTenantsResponse
+	(*Tenant)(nil),                 // 26: hsmd.v1.Tenant
+	(*KeyVersion)(nil),             // 27: hsmd.v1.KeyVersion
+	(*SignCheckpointRequest)(nil),  // 28: hsmd.v1.SignCheckpointRequest
+	(*SignCheckpointResponse)(nil), // 29: hsmd.v1.SignCheckpointResponse
+	nil,                            // 30: hsmd.v1.EncryptItem.ContextEntry
+	nil,                            // 31: hsmd.v1.DecryptItem.ContextEntry
 }
 var file_api_hsmd_v1_hsmd_proto_depIdxs = []int32{
 	7,  // 0: hsmd.v1.RewrapRequest.items:type_name -> hsmd.v1.DecryptItem
 	2,  // 1: hsmd.v1.RewrapResponse.results:type_name -> hsmd.v1.RewrapResult
 	10, // 2: hsmd.v1.RewrapResult.error:type_name -> hsmd.v1.ItemError
 	4,  // 3: hsmd.v1.EncryptRequest.items:type_name -> hsmd.v1.EncryptItem
-	28, // 4: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
+	30, // 4: hsmd.v1.EncryptItem.context:type_name -> hsmd.v1.EncryptItem.ContextEntry
 	7,  // 5: hsmd.v1.DecryptRequest.items:type_name -> hsmd.v1.DecryptItem
-	29, // 6: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
+	31, // 6: hsmd.v1.DecryptItem.context:type_name -> hsmd.v1.DecryptItem.ContextEntry
 	9,  // 7: hsmd.v1.DecryptResponse.results:type_name -> hsmd.v1.DecryptResult
 	10, // 8: hsmd.v1.DecryptResult.error:type_name -> hsmd.v1.ItemError
-	25, // 9: hsmd.v1.Key.versions:type_name -> hsmd.v1.KeyVersion
-	14, // 10: hsmd.v1.Key.policy:type_name -> hsmd.v1.KeyPolicy
-	14, // 11: hsmd.v1.SetKeyPolicyRequest.policy:type_name -> hsmd.v1.KeyPolicy
-	24, // 12: hsmd.v1.ListTenantsResponse.tenants:type_name -> hsmd.v1.Tenant
-	25, // 13: hsmd.v1.Tenant.versions:type_name -> hsmd.v1.KeyVersion
+	27, // 9: hsmd.v1.Key.versions:type_name -> hsmd.v1.KeyVersion
+	16, // 10: hsmd.v1.Key.policy:type_name -> hsmd.v1.KeyPolicy
+	16, // 11: hsmd.v1.SetKeyPolicyRequest.policy:type_name -> hsmd.v1.KeyPolicy
+	26, // 12: hsmd.v1.ListTenantsResponse.tenants:type_name -> hsmd.v1.Tenant
+	27, // 13: hsmd.v1.Tenant.versions:type_name -> hsmd.v1.KeyVersion
 	3,  // 14: hsmd.v1.Envelope.Encrypt:input_type -> hsmd.v1.EncryptRequest
 	6,  // 15: hsmd.v1.Envelope.Decrypt:input_type -> hsmd.v1.DecryptRequest
 	0,  // 16: hsmd.v1.Envelope.Rewrap:input_type -> hsmd.v1.RewrapRequest
-	20, // 17: hsmd.v1.Tenants.CreateTenant:input_type -> hsmd.v1.CreateTenantRequest
-	21, // 18: hsmd.v1.Tenants.GetTenant:input_type -> hsmd.v1.GetTenantRequest
-	22, // 19: hsmd.v1.Tenants.ListTenants:input_type -> hsmd.v1.ListTenantsRequest
+	22, // 17: hsmd.v1.Tenants.CreateTenant:input_type -> hsmd.v1.CreateTenantRequest
+	23, // 18: hsmd.v1.Tenants.GetTenant:input_type -> hsmd.v1.GetTenantRequest
+	24, // 19: hsmd.v1.Tenants.ListTenants:input_type -> hsmd.v1.ListTenantsRequest
 	11, // 20: hsmd.v1.Tenants.ShredTenant:input_type -> hsmd.v1.ShredTenantRequest
-	15, // 21: hsmd.v1.Keys.RotateKey:input_type -> hsmd.v1.RotateKeyRequest
-	16, // 22: hsmd.v1.Keys.GetKey:input_type -> hsmd.v1.GetKeyRequest
-	17, // 23: hsmd.v1.Keys.SetKeyPolicy:input_type -> hsmd.v1.SetKeyPolicyRequest
-	18, // 24: hsmd.v1.Keys.DisableVersion:input_type -> hsmd.v1.VersionRequest
-	18, // 25: hsmd.v1.Keys.EnableVersion:input_type -> hsmd.v1.VersionRequest
-	19, // 26: hsmd.v1.Keys.ScheduleDestroy:input_type -> hsmd.v1.ScheduleDestroyRequest
-	18, // 27: hsmd.v1.Keys.CancelDestroy:input_type -> hsmd.v1.VersionRequest
-	26, // 28: hsmd.v1.Audit.SignCheckpoint:input_type -> hsmd.v1.SignCheckpointRequest
-	5,  // 29: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
-	8,  // 30: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
-	1,  // 31: hsmd.v1.Envelope.Rewrap:output_type -> hsmd.v1.RewrapResponse
-	24, // 32: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
-	24, // 33: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
-	23, // 34: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
-	12, // 35: hsmd.v1.Tenants.ShredTenant:output_type -> hsmd.v1.ShredTenantResponse
-	13, // 36: hsmd.v1.Keys.RotateKey:output_type -> hsmd.v1.Key
-	13, // 37: hsmd.v1.Keys.GetKey:output_type -> hsmd.v1.Key
-	13, // 38: hsmd.v1.Keys.SetKeyPolicy:output_type -> hsmd.v1.Key
-	13, // 39: hsmd.v1.Keys.DisableVersion:output_type -> hsmd.v1.Key
-	13, // 40: hsmd.v1.Keys.EnableVersion:output_type -> hsmd.v1.Key
-	13, // 41: hsmd.v1.Keys.ScheduleDestroy:output_type -> hsmd.v1.Key
-	13, // 42: hsmd.v1.Keys.CancelDestroy:output_type -> hsmd.v1.Key
-	27, // 43: hsmd.v1.Audit.SignCheckpoint:output_type -> hsmd.v1.SignCheckpointResponse
-	29, // [29:44] is the sub-list for method output_type
-	14, // [14:29] is the sub-list for method input_type
+	17, // 21: hsmd.v1.Keys.RotateKey:input_type -> hsmd.v1.RotateKeyRequest
+	18, // 22: hsmd.v1.Keys.GetKey:input_type -> hsmd.v1.GetKeyRequest
+	19, // 23: hsmd.v1.Keys.SetKeyPolicy:input_type -> hsmd.v1.SetKeyPolicyRequest
+	20, // 24: hsmd.v1.Keys.DisableVersion:input_type -> hsmd.v1.VersionRequest
+	20, // 25: hsmd.v1.Keys.EnableVersion:input_type -> hsmd.v1.VersionRequest
+	21, // 26: hsmd.v1.Keys.ScheduleDestroy:input_type -> hsmd.v1.ScheduleDestroyRequest
+	20, // 27: hsmd.v1.Keys.CancelDestroy:input_type -> hsmd.v1.VersionRequest
+	13, // 28: hsmd.v1.Keys.GetPublicKey:input_type -> hsmd.v1.GetPublicKeyRequest
+	28, // 29: hsmd.v1.Audit.SignCheckpoint:input_type -> hsmd.v1.SignCheckpointRequest
+	5,  // 30: hsmd.v1.Envelope.Encrypt:output_type -> hsmd.v1.EncryptResponse
+	8,  // 31: hsmd.v1.Envelope.Decrypt:output_type -> hsmd.v1.DecryptResponse
+	1,  // 32: hsmd.v1.Envelope.Rewrap:output_type -> hsmd.v1.RewrapResponse
+	26, // 33: hsmd.v1.Tenants.CreateTenant:output_type -> hsmd.v1.Tenant
+	26, // 34: hsmd.v1.Tenants.GetTenant:output_type -> hsmd.v1.Tenant
+	25, // 35: hsmd.v1.Tenants.ListTenants:output_type -> hsmd.v1.ListTenantsResponse
+	12, // 36: hsmd.v1.Tenants.ShredTenant:output_type -> hsmd.v1.ShredTenantResponse
+	15, // 37: hsmd.v1.Keys.RotateKey:output_type -> hsmd.v1.Key
+	15, // 38: hsmd.v1.Keys.GetKey:output_type -> hsmd.v1.Key
+	15, // 39: hsmd.v1.Keys.SetKeyPolicy:output_type -> hsmd.v1.Key
+	15, // 40: hsmd.v1.Keys.DisableVersion:output_type -> hsmd.v1.Key
+	15, // 41: hsmd.v1.Keys.EnableVersion:output_type -> hsmd.v1.Key
+	15, // 42: hsmd.v1.Keys.ScheduleDestroy:output_type -> hsmd.v1.Key
+	15, // 43: hsmd.v1.Keys.CancelDestroy:output_type -> hsmd.v1.Key
+	14, // 44: hsmd.v1.Keys.GetPublicKey:output_type -> hsmd.v1.PublicKey
+	29, // 45: hsmd.v1.Audit.SignCheckpoint:output_type -> hsmd.v1.SignCheckpointResponse
+	30, // [30:46] is the sub-list for method output_type
+	14, // [14:30] is the sub-list for method input_type
 	14, // [14:14] is the sub-list for extension type_name
 	14, // [14:14] is the sub-list for extension extendee
 	0,  // [0:14] is the sub-list for field type_name
@@ -1877,7 +2017,7 @@ func file_api_hsmd_v1_hsmd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_hsmd_v1_hsmd_proto_rawDesc), len(file_api_hsmd_v1_hsmd_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

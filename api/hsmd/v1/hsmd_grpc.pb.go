@@ -466,6 +466,7 @@ const (
 	Keys_EnableVersion_FullMethodName   = "/hsmd.v1.Keys/EnableVersion"
 	Keys_ScheduleDestroy_FullMethodName = "/hsmd.v1.Keys/ScheduleDestroy"
 	Keys_CancelDestroy_FullMethodName   = "/hsmd.v1.Keys/CancelDestroy"
+	Keys_GetPublicKey_FullMethodName    = "/hsmd.v1.Keys/GetPublicKey"
 )
 
 // KeysClient is the client API for Keys service.
@@ -489,6 +490,10 @@ type KeysClient interface {
 	// then it refuses to decrypt and CancelDestroy returns it to disabled.
 	ScheduleDestroy(ctx context.Context, in *ScheduleDestroyRequest, opts ...grpc.CallOption) (*Key, error)
 	CancelDestroy(ctx context.Context, in *VersionRequest, opts ...grpc.CallOption) (*Key, error)
+	// GetPublicKey returns the X-Wing public key of the tenant's current
+	// key version, for producers that seal records offline with HPKE
+	// (docs/FORMAT.md, suite 0x02). The key pair is made on first request.
+	GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*PublicKey, error)
 }
 
 type keysClient struct {
@@ -569,6 +574,16 @@ func (c *keysClient) CancelDestroy(ctx context.Context, in *VersionRequest, opts
 	return out, nil
 }
 
+func (c *keysClient) GetPublicKey(ctx context.Context, in *GetPublicKeyRequest, opts ...grpc.CallOption) (*PublicKey, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PublicKey)
+	err := c.cc.Invoke(ctx, Keys_GetPublicKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeysServer is the server API for Keys service.
 // All implementations must embed UnimplementedKeysServer
 // for forward compatibility.
@@ -590,6 +605,10 @@ type KeysServer interface {
 	// then it refuses to decrypt and CancelDestroy returns it to disabled.
 	ScheduleDestroy(context.Context, *ScheduleDestroyRequest) (*Key, error)
 	CancelDestroy(context.Context, *VersionRequest) (*Key, error)
+	// GetPublicKey returns the X-Wing public key of the tenant's current
+	// key version, for producers that seal records offline with HPKE
+	// (docs/FORMAT.md, suite 0x02). The key pair is made on first request.
+	GetPublicKey(context.Context, *GetPublicKeyRequest) (*PublicKey, error)
 	mustEmbedUnimplementedKeysServer()
 }
 
@@ -620,6 +639,9 @@ func (UnimplementedKeysServer) ScheduleDestroy(context.Context, *ScheduleDestroy
 }
 func (UnimplementedKeysServer) CancelDestroy(context.Context, *VersionRequest) (*Key, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelDestroy not implemented")
+}
+func (UnimplementedKeysServer) GetPublicKey(context.Context, *GetPublicKeyRequest) (*PublicKey, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPublicKey not implemented")
 }
 func (UnimplementedKeysServer) mustEmbedUnimplementedKeysServer() {}
 func (UnimplementedKeysServer) testEmbeddedByValue()              {}
@@ -768,6 +790,24 @@ func _Keys_CancelDestroy_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Keys_GetPublicKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPublicKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeysServer).GetPublicKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Keys_GetPublicKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeysServer).GetPublicKey(ctx, req.(*GetPublicKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Keys_ServiceDesc is the grpc.ServiceDesc for Keys service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -802,6 +842,10 @@ var Keys_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelDestroy",
 			Handler:    _Keys_CancelDestroy_Handler,
+		},
+		{
+			MethodName: "GetPublicKey",
+			Handler:    _Keys_GetPublicKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -62,6 +62,11 @@ type Vector struct {
 	Ciphertext    Bytes             `json:"ciphertext"`
 	// Text, if set, is the text form to open instead of Ciphertext.
 	Text string `json:"text,omitempty"`
+
+	// Suite 0x02 (X-Wing HPKE): the key version's X-Wing private key (its
+	// 32-byte seed) and public key. Seed, Nonce, IKM and DEK are unused.
+	XWingPrivateKey Bytes `json:"xwing_private_key,omitempty"`
+	XWingPublicKey  Bytes `json:"xwing_public_key,omitempty"`
 }
 
 // Load reads every *.json vector file under dir, in name order. It fails if
