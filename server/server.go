@@ -70,6 +70,9 @@ type Config struct {
 	// QuorumSpent (required with Quorum).
 	Quorum      *quorum.Policy
 	QuorumSpent quorum.Spent
+	// XWing, if set, serves Keys.GetPublicKey (UNIMPLEMENTED without it);
+	// give the same value to envelope.Config.XWing to open suite 0x02.
+	XWing *XWingKeys
 }
 
 // TPMService is the health service name that reports the TPM: SERVING
@@ -213,7 +216,11 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", id))
 	method := path.Base(info.FullMethod)
 	start := time.Now()
-	audited := s.cfg.Audit != nil && !strings.HasPrefix(info.FullMethod, "/grpc.health.")
+	// Health probes (gRPC health, the KMS plugin's Status, polled by the
+	// API server) are not audited: they change nothing, and they must
+	// report an audit failure rather than be refused by it.
+	audited := s.cfg.Audit != nil && !strings.HasPrefix(info.FullMethod, "/grpc.health.") &&
+		info.FullMethod != kmsStatusMethod
 	var caller string
 	var resp any
 	var err error

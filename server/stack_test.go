@@ -130,7 +130,8 @@ func (s *stack) start(o stackOpts) {
 	var eng *envelope.Engine
 	m := server.NewMetrics(reg, func() envelope.Stats { return eng.Stats() })
 	var srv *server.Server
-	ec := envelope.Config{Deriver: m.InstrumentDeriver(h), Limits: o.envelope, OnSealKey: func(ref envelope.KeyRef) { srv.RecordDEK(ref) }}
+	xwing := &server.XWingKeys{Store: st, Wrap: h}
+	ec := envelope.Config{Deriver: m.InstrumentDeriver(h), Limits: o.envelope, OnSealKey: func(ref envelope.KeyRef) { srv.RecordDEK(ref) }, XWing: xwing}
 	if eng, err = envelope.New(ec); err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +158,7 @@ func (s *stack) start(o stackOpts) {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now,
-		Audit: auditor, AuditContexts: contexts, Quorum: o.quorum, QuorumSpent: quorum.NewFileSpent(filepath.Join(s.dir, "spent.json"))})
+		Audit: auditor, AuditContexts: contexts, Quorum: o.quorum, QuorumSpent: quorum.NewFileSpent(filepath.Join(s.dir, "spent.json")), XWing: xwing})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,6 +40,7 @@ type Config struct {
 	Quorum   QuorumConfig   `yaml:"quorum"`
 	Log      LogConfig      `yaml:"log"`
 	TLS      TLSConfig      `yaml:"tls"`
+	KMS      KMSConfig      `yaml:"kms"`
 
 	newAuditLog bool // --new-audit-log (not in the file)
 }

@@ -136,6 +136,7 @@ func (d *daemon) announce(env *cliEnv, ls []listener) {
 			fmt.Fprintf(w, "  grpc     %s (%s)\n", l.name, d.cfg.TLS.describe())
 		}
 	}
+	fmt.Fprint(w, d.cfg.kmsAnnounce())
 	bin := os.Args[0]
 	if abs, _ := filepath.Abs(filepath.Join(DefaultDataDir, "hsmd.sock")); addr != "" && addr != "unix://"+abs {
 		fmt.Fprintf(w, "  env      export HSMD_ADDR=%s\n", addr)

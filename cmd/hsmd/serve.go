@@ -98,6 +98,9 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 	fs.StringVar(&l.Unix, "listen-unix", "", "unix socket path (default <data-dir>/hsmd.sock)")
 	fs.StringVar(&l.TCP, "listen-tcp", "", "TCP address: TLS with a tls: configuration (the dev profile's), else plaintext and loopback only (dev default "+DefaultTCPAddr+")")
 	fs.StringVar(&l.Metrics, "listen-metrics", "", "metrics address (dev default "+DefaultMetricsAddr+")")
+	var kms KMSConfig
+	fs.StringVar(&kms.Socket, "kms-socket", "", "serve the Kubernetes KMS v2 plugin on this unix socket (with --kms-tenant; see docs/KUBERNETES.md)")
+	fs.StringVar(&kms.Tenant, "kms-tenant", "", "the tenant whose key seals the Kubernetes API server's data keys")
 	if err := fs.Parse(args); err != nil {
 		return &usageError{err.Error()}
 	}
@@ -109,10 +112,13 @@ func runServe(ctx context.Context, env *cliEnv, args []string) error {
 	for _, o := range []struct {
 		dst *string
 		v   string
-	}{{&c.Listen.Unix, l.Unix}, {&c.Listen.TCP, l.TCP}, {&c.Listen.Metrics, l.Metrics}} {
+	}{{&c.Listen.Unix, l.Unix}, {&c.Listen.TCP, l.TCP}, {&c.Listen.Metrics, l.Metrics}, {&c.KMS.Socket, kms.Socket}, {&c.KMS.Tenant, kms.Tenant}} {
 		if o.v != "" {
 			*o.dst = o.v
 		}
+	}
+	if err := c.KMS.validate(); err != nil {
+		return err
 	}
 	log = newLogger(env, c.Log.Level)
 	if fp := env.getenv("HSMD_FAILPOINT"); fp != "" && p.dev {
@@ -147,6 +153,8 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
 	ec := c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))
 	ec.OnSealKey = func(ref envelope.KeyRef) { d.srv.RecordDEK(ref) } // usage limits
+	xwing := &server.XWingKeys{Store: pt.store, Wrap: pt.hsm}         // suite 0x02 (offline HPKE producers)
+	ec.XWing = xwing
 	if eng, err = envelope.New(ec); err != nil {
 		d.close()
 		return nil, err
@@ -166,7 +174,7 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	sc := server.Config{
 		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: pt.hsm.NewestKDK(),
 		Ready: pt.hsm.Ready, InsecureNoTPM: pt.insecure, Keys: keys,
-		Audit: pt.audit, AuditContexts: pt.auditCtx,
+		Audit: pt.audit, AuditContexts: pt.auditCtx, XWing: xwing,
 	}
 	pt.auditMetrics = metrics.ObserveAuditWrite
 	if c.Quorum.Policy != "" {
@@ -287,7 +295,12 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	jobs.Go(func() { d.srv.WatchReady(ctx, 5*time.Second) })
 	jobs.Go(func() { d.sched.Run(ctx) })
 	jobs.Go(func() { d.srv.WatchKeys(ctx, time.Minute) })
-	errc := make(chan error, len(ls)+1)
+	errc := make(chan error, len(ls)+2)
+	stopKMS, err := d.serveKMS(ctx, errc)
+	if err != nil {
+		return err
+	}
+	defer stopKMS()
 	var metricsSrv, witnessSrv *http.Server
 	for _, l := range ls {
 		if l.witness {
