@@ -64,7 +64,9 @@ func (p peerCreds) Clone() credentials.TransportCredentials {
 }
 
 // callerIdentity names the caller of the call in ctx for the audit log:
-// "unix:uid=U,gid=G" on the unix socket, "tcp:ADDRESS" otherwise.
+// "unix:uid=U,gid=G" on the unix socket; with a verified client
+// certificate its first URI SAN ("spiffe://…") or else "cn:NAME";
+// "tcp:ADDRESS" otherwise.
 func callerIdentity(ctx context.Context) string {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
@@ -73,8 +75,49 @@ func callerIdentity(ctx context.Context) string {
 	if ai, ok := p.AuthInfo.(PeerCredAuthInfo); ok {
 		return fmt.Sprintf("unix:uid=%d,gid=%d", ai.UID, ai.GID)
 	}
+	if id := certIdentity(p.AuthInfo); id != "" {
+		return id
+	}
 	if p.Addr != nil {
 		return p.Addr.Network() + ":" + p.Addr.String()
 	}
 	return "unknown"
+}
+
+// maxIdentity bounds an identity taken from a client certificate.
+const maxIdentity = 1024
+
+// certIdentity is the identity of a verified client certificate: its first
+// URI SAN, else "cn:" and its subject CN; "" without one.
+func certIdentity(ai credentials.AuthInfo) string {
+	ti, ok := ai.(credentials.TLSInfo)
+	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.PeerCertificates) == 0 {
+		return ""
+	}
+	c := ti.State.PeerCertificates[0]
+	if len(c.URIs) > 0 {
+		return clip(c.URIs[0].String(), maxIdentity)
+	}
+	if c.Subject.CommonName != "" {
+		return "cn:" + clip(c.Subject.CommonName, maxIdentity)
+	}
+	return ""
+}
+
+// matchIdentities are the identities of the caller of the call in ctx that
+// an authorization policy matches: "uid:U" and "gid:G" on the unix socket,
+// the certificate identity (see certIdentity) with mutual TLS, none
+// otherwise.
+func matchIdentities(ctx context.Context) []string {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil
+	}
+	if ai, ok := p.AuthInfo.(PeerCredAuthInfo); ok {
+		return []string{fmt.Sprintf("uid:%d", ai.UID), fmt.Sprintf("gid:%d", ai.GID)}
+	}
+	if id := certIdentity(p.AuthInfo); id != "" {
+		return []string{id}
+	}
+	return nil
 }

@@ -73,6 +73,11 @@ type Config struct {
 	// XWing, if set, serves Keys.GetPublicKey (UNIMPLEMENTED without it);
 	// give the same value to envelope.Config.XWing to open suite 0x02.
 	XWing *XWingKeys
+	// Authz, if set, authorizes every call by its policy before it runs,
+	// deny by default (see methodOperation for the operation of each
+	// method); a refusal is PERMISSION_DENIED and is audited. Nil allows
+	// every call (the dev profile).
+	Authz *Authorizer
 }
 
 // TPMService is the health service name that reports the TPM: SERVING
@@ -207,7 +212,8 @@ func requestID(ctx context.Context) string {
 }
 
 // intercept gives each call a request ID (returned in the x-request-id
-// header), maps its error to a status, and logs and counts it.
+// header), authorizes it (Config.Authz), maps its error to a status, and
+// logs and counts it.
 func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	var b [8]byte
 	rand.Read(b[:])
@@ -223,8 +229,8 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		info.FullMethod != kmsStatusMethod
 	var caller string
 	var resp any
-	var err error
-	if audited {
+	err := s.authorizeCall(ctx, info, req)
+	if audited && err == nil {
 		caller = callerIdentity(ctx)
 		err = s.auditBefore(ctx, method, caller, req)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
@@ -40,6 +41,8 @@ type stack struct {
 	reg     *prometheus.Registry
 	conn    *grpc.ClientConn
 	tcp     *grpc.ClientConn // loopback TCP, as the unix socket
+	tcpAddr string
+	sock    string
 	env     hsmdv1.EnvelopeClient
 	tenants hsmdv1.TenantsClient
 	keys    hsmdv1.KeysClient
@@ -81,6 +84,10 @@ type stackOpts struct {
 	audit, auditSync bool
 	// quorum, if set, requires approvals for destructive calls.
 	quorum *quorum.Policy
+	// authz, if set, authorizes every call.
+	authz *server.Authorizer
+	// creds, if set, replace the server's transport credentials.
+	creds credentials.TransportCredentials
 }
 
 // newStack makes a token with root keys and starts a stack on it.
@@ -158,11 +165,15 @@ func (s *stack) start(o stackOpts) {
 		logger = slog.New(slog.NewTextHandler(o.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	srv, err = server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: o.limits, Ready: h.Ready, Logger: logger, Keys: keys, Now: s.clock.Now,
-		Audit: auditor, AuditContexts: contexts, Quorum: o.quorum, QuorumSpent: quorum.NewFileSpent(filepath.Join(s.dir, "spent.json")), XWing: xwing})
+		Audit: auditor, AuditContexts: contexts, Quorum: o.quorum, QuorumSpent: quorum.NewFileSpent(filepath.Join(s.dir, "spent.json")), XWing: xwing, Authz: o.authz})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(srv.ServerOptions()...)
+	opts := srv.ServerOptions()
+	if o.creds != nil {
+		opts = append(opts, grpc.Creds(o.creds))
+	}
+	g := grpc.NewServer(opts...)
 	srv.Register(g)
 	sock := filepath.Join(s.dir, "hsmd.sock")
 	os.Remove(sock)
@@ -188,6 +199,7 @@ func (s *stack) start(o stackOpts) {
 	}
 	conn, tconn := dial("unix://"+sock), dial(tl.Addr().String())
 	s.hsm, s.reg, s.conn, s.tcp, s.srv = h, reg, conn, tconn, srv
+	s.tcpAddr, s.sock = tl.Addr().String(), sock
 	s.env, s.tenants, s.keys = hsmdv1.NewEnvelopeClient(conn), hsmdv1.NewTenantsClient(conn), hsmdv1.NewKeysClient(conn)
 	stopped := false
 	s.stop = func() {

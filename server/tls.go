@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -42,12 +43,16 @@ type TLSOptions struct {
 	// HybridGroups. Otherwise the hybrid groups are preferred and X25519
 	// and P-256 are accepted from clients that offer nothing better.
 	PQOnly bool
+	// ClientCAs, if set, makes TLS mutual: every client must present a
+	// certificate that chains to one of them, and its first URI SAN (a
+	// SPIFFE ID) or else its subject CN is the caller's identity.
+	ClientCAs *x509.CertPool
 }
 
 // ServerTLSConfig returns hsmd's server TLS configuration: TLS 1.3 only,
-// the hybrid key exchanges preferred (or required, with PQOnly), and no
-// client certificates. Mutual TLS, when it comes, sets ClientAuth and
-// ClientCAs here. It fails if o has no certificate.
+// the hybrid key exchanges preferred (or required, with PQOnly), and
+// client certificates required and verified if o.ClientCAs is set (none
+// asked for otherwise). It fails if o has no certificate.
 //
 // With PQOnly the key exchange is checked twice: CurvePreferences hold the
 // hybrid groups alone, and VerifyConnection refuses anything else (so a
@@ -67,6 +72,9 @@ func ServerTLSConfig(o TLSOptions) (*tls.Config, error) {
 		CurvePreferences: groups,
 		Certificates:     []tls.Certificate{o.Certificate},
 		ClientAuth:       tls.NoClientCert,
+	}
+	if o.ClientCAs != nil {
+		c.ClientAuth, c.ClientCAs = tls.RequireAndVerifyClientCert, o.ClientCAs
 	}
 	if o.PQOnly {
 		c.VerifyConnection = requireHybrid

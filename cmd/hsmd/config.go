@@ -41,6 +41,7 @@ type Config struct {
 	Log      LogConfig      `yaml:"log"`
 	TLS      TLSConfig      `yaml:"tls"`
 	KMS      KMSConfig      `yaml:"kms"`
+	Authz    AuthzConfig    `yaml:"authz"`
 
 	newAuditLog bool // --new-audit-log (not in the file)
 }

@@ -140,6 +140,7 @@ type daemon struct {
 	sched      *rotation.Scheduler
 	witness    *signing.Witness // nil if no log is registered
 	witnessCfg server.WitnessConfig
+	authz      *server.Authorizer // nil without authz.policy
 }
 
 // openDaemon bootstraps the parts (see bootstrap) and the services.
@@ -184,6 +185,11 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		}
 		sc.QuorumSpent = quorum.NewFileSpent(filepath.Join(c.DataDir, "quorum-spent.json"))
 	}
+	if sc.Authz, err = d.authorizer(c); err != nil {
+		d.close()
+		return nil, err
+	}
+	d.authz = sc.Authz
 	if pt.tpm != nil {
 		sc.TPM = pt.tpm.Ping
 		sc.RollbackCounter = pt.counter.Value
@@ -295,6 +301,7 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	jobs.Go(func() { d.srv.WatchReady(ctx, 5*time.Second) })
 	jobs.Go(func() { d.sched.Run(ctx) })
 	jobs.Go(func() { d.srv.WatchKeys(ctx, time.Minute) })
+	jobs.Go(func() { watchAuthz(ctx, d.authz) })
 	errc := make(chan error, len(ls)+2)
 	stopKMS, err := d.serveKMS(ctx, errc)
 	if err != nil {

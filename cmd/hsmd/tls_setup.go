@@ -48,6 +48,10 @@ type TLSConfig struct {
 	// PQOnly refuses every handshake that does not negotiate a hybrid
 	// post-quantum group (X25519MLKEM768, SecP256r1MLKEM768).
 	PQOnly bool `yaml:"pq_only"`
+	// ClientCAFile, if set, makes TLS mutual: clients must present a
+	// certificate from one of these PEM CAs; its first URI SAN (SPIFFE
+	// ID) or else its subject CN ("cn:NAME") is the caller's identity.
+	ClientCAFile string `yaml:"client_ca_file"`
 }
 
 func (t *TLSConfig) enabled() bool { return t.CertFile != "" || t.KeyFile != "" }
@@ -61,6 +65,8 @@ func (t *TLSConfig) validate() error {
 		return errors.New("tls.key_file is required with tls.cert_file")
 	case t.PQOnly && !t.enabled():
 		return errors.New("tls.pq_only needs tls.cert_file and tls.key_file")
+	case t.ClientCAFile != "" && !t.enabled():
+		return errors.New("tls.client_ca_file needs tls.cert_file and tls.key_file")
 	}
 	return nil
 }
@@ -92,7 +98,13 @@ func (d *daemon) transportOptions() ([]grpc.ServerOption, error) {
 	if fi, err := os.Stat(t.KeyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
 		d.log.Warn(fmt.Sprintf("the TLS key file %s is accessible to other users (mode %v); it should be 0600", t.KeyFile, fi.Mode().Perm()))
 	}
-	cfg, err := server.ServerTLSConfig(server.TLSOptions{Certificate: cert, PQOnly: t.PQOnly})
+	o := server.TLSOptions{Certificate: cert, PQOnly: t.PQOnly}
+	if t.ClientCAFile != "" {
+		if o.ClientCAs, err = client.LoadRootCAs(t.ClientCAFile); err != nil {
+			return nil, withHint(fmt.Errorf("tls.client_ca_file: %w", err), "tls.client_ca_file must name PEM CA certificates")
+		}
+	}
+	cfg, err := server.ServerTLSConfig(o)
 	if err != nil {
 		return nil, err
 	}
