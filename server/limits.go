@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/base64"
 	"fmt"
+	"math"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope/wire"
@@ -22,6 +23,9 @@ const (
 	// MaxRequestBytes of payload: protobuf framing of up to
 	// DefaultMaxBatchItems items and their contexts.
 	TransportHeadroom = 1 << 20
+	// DefaultMaxConcurrentPerIdentity is the default
+	// limits.max_concurrent_per_identity.
+	DefaultMaxConcurrentPerIdentity = 64
 )
 
 // Limits bound what one request may ask. The zero value of a field means
@@ -31,6 +35,15 @@ type Limits struct {
 	MaxItemBytes    int `yaml:"max_item_bytes"`
 	MaxRequestBytes int `yaml:"max_request_bytes"`
 	MaxContextBytes int `yaml:"max_context_bytes"`
+	// MaxConcurrentPerIdentity bounds the calls one caller (see
+	// limitIdentity) may have in flight; default
+	// DefaultMaxConcurrentPerIdentity.
+	MaxConcurrentPerIdentity int `yaml:"max_concurrent_per_identity"`
+	// RatePerIdentity is the calls per second one caller may make on
+	// average, in bursts of up to BurstPerIdentity (default twice the
+	// rate); 0: no rate limit. Health probes are exempt from both.
+	RatePerIdentity  float64 `yaml:"rate_per_identity"`
+	BurstPerIdentity int     `yaml:"burst_per_identity"`
 }
 
 // WithDefaults returns l with zero fields set to their defaults.
@@ -44,6 +57,10 @@ func (l Limits) WithDefaults() Limits {
 	def(&l.MaxItemBytes, DefaultMaxItemBytes)
 	def(&l.MaxRequestBytes, DefaultMaxRequestBytes)
 	def(&l.MaxContextBytes, DefaultMaxContextBytes)
+	def(&l.MaxConcurrentPerIdentity, DefaultMaxConcurrentPerIdentity)
+	if l.RatePerIdentity > 0 && l.BurstPerIdentity == 0 {
+		l.BurstPerIdentity = burstDefault(l.RatePerIdentity)
+	}
 	return l
 }
 
@@ -54,10 +71,17 @@ func (l Limits) Validate() error {
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"max_batch_items", l.MaxBatchItems}, {"max_item_bytes", l.MaxItemBytes}, {"max_request_bytes", l.MaxRequestBytes}, {"max_context_bytes", l.MaxContextBytes}} {
+	}{{"max_batch_items", l.MaxBatchItems}, {"max_item_bytes", l.MaxItemBytes}, {"max_request_bytes", l.MaxRequestBytes}, {"max_context_bytes", l.MaxContextBytes},
+		{"max_concurrent_per_identity", l.MaxConcurrentPerIdentity}, {"burst_per_identity", l.BurstPerIdentity}} {
 		if f.v < 0 {
 			return fmt.Errorf("limits.%s must not be negative", f.name)
 		}
+	}
+	if r := l.RatePerIdentity; r < 0 || math.IsNaN(r) || math.IsInf(r, 0) {
+		return fmt.Errorf("limits.rate_per_identity must be a non-negative number of calls per second (0: no rate limit)")
+	}
+	if l.BurstPerIdentity != 0 && l.RatePerIdentity == 0 {
+		return fmt.Errorf("limits.burst_per_identity needs limits.rate_per_identity")
 	}
 	if l.MaxItemBytes > 1<<30 {
 		return fmt.Errorf("limits.max_item_bytes must be at most %d", 1<<30)

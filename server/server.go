@@ -92,6 +92,7 @@ type Server struct {
 	log    *slog.Logger
 	health *health.Server
 	deks   dekCounts
+	limit  *identityLimiter
 }
 
 // New checks cfg (Store, Engine and Metrics are required; Limits must
@@ -126,7 +127,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.RollbackCounter != nil {
 		cfg.Metrics.registerCounter(cfg.RollbackCounter)
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, health: health.NewServer()}, nil
+	return &Server{cfg: cfg, log: cfg.Logger, health: health.NewServer(), limit: newIdentityLimiter(cfg.Limits, time.Now)}, nil
 }
 
 // ServerOptions returns the grpc.ServerOptions hsmd's services need: the
@@ -212,8 +213,9 @@ func requestID(ctx context.Context) string {
 }
 
 // intercept gives each call a request ID (returned in the x-request-id
-// header), authorizes it (Config.Authz), maps its error to a status, and
-// logs and counts it.
+// header), authorizes it (Config.Authz), applies the per-identity limits
+// (see identityLimiter; health probes are exempt), maps its error to a
+// status, and logs and counts it.
 func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	var b [8]byte
 	rand.Read(b[:])
@@ -225,11 +227,18 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	// Health probes (gRPC health, the KMS plugin's Status, polled by the
 	// API server) are not audited: they change nothing, and they must
 	// report an audit failure rather than be refused by it.
-	audited := s.cfg.Audit != nil && !strings.HasPrefix(info.FullMethod, "/grpc.health.") &&
-		info.FullMethod != kmsStatusMethod
+	// Nor are they subject to the per-identity limits.
+	probe := strings.HasPrefix(info.FullMethod, "/grpc.health.") || info.FullMethod == kmsStatusMethod
+	audited := s.cfg.Audit != nil && !probe
 	var caller string
 	var resp any
 	err := s.authorizeCall(ctx, info, req)
+	if err == nil && !probe {
+		var release func()
+		if release, err = s.limit.acquire(limitIdentity(ctx)); err == nil {
+			defer release()
+		}
+	}
 	if audited && err == nil {
 		caller = callerIdentity(ctx)
 		err = s.auditBefore(ctx, method, caller, req)
