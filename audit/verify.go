@@ -3,14 +3,12 @@ package audit
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"iter"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
@@ -260,17 +258,7 @@ func verifyNote(n []byte, verifiers []note.Verifier) error {
 	if err := verifyByType(n, verifiers); err != nil {
 		return fmt.Errorf("signature: %w", err)
 	}
-	_, sigs, _ := bytes.Cut(n, []byte("\n\n"))
-	for _, line := range strings.Split(strings.TrimSuffix(string(sigs), "\n"), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 {
-			return errors.New("malformed signature line")
-		}
-		if _, err := base64.StdEncoding.Strict().DecodeString(f[2]); err != nil {
-			return fmt.Errorf("signature by %s is not canonical base64", f[1])
-		}
-	}
-	return nil
+	return signing.CheckCanonical(n)
 }
 
 // verifyByType checks that n is signed by every verifier, except that

@@ -2,13 +2,10 @@ package ceremony
 
 import (
 	"bytes"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -151,58 +148,21 @@ func VerifyTranscript(b []byte, vkeys []string) (t *Transcript, selfCertified bo
 	if err := signing.Verify(b, vs...); err != nil {
 		return nil, false, fmt.Errorf("%w: %v", ErrTranscript, err)
 	}
-	if err := strictNote(b); err != nil {
-		return nil, false, err
+	if err := signing.CheckCanonical(b); err != nil {
+		return nil, false, fmt.Errorf("%w: %v", ErrTranscript, err)
 	}
 	return t, selfCertified, nil
 }
 
-// strictNote refuses signature lines in non-canonical base64 (whose last
-// character's padding bits could change unnoticed).
-func strictNote(b []byte) error {
-	_, sigs, _ := bytes.Cut(b, []byte("\n\n"))
-	for _, line := range strings.Split(strings.TrimSuffix(string(sigs), "\n"), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 3 || f[0] != "\u2014" {
-			return fmt.Errorf("%w: malformed signature line", ErrTranscript)
-		}
-		if _, err := base64Strict.DecodeString(f[2]); err != nil {
-			return fmt.Errorf("%w: signature by %s is not canonical base64", ErrTranscript, f[1])
-		}
-	}
-	return nil
-}
-
-var base64Strict = base64.StdEncoding.Strict()
-
 // writeNew writes b to path durably, refusing to replace an existing file
 // (the check and the creation are one atomic link).
 func writeNew(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".ceremony-*")
-	if err != nil {
-		return fmt.Errorf("ceremony: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp, 0o600)
+	err := fsutil.WriteFileNew(path, b, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("ceremony: %s exists: a ceremony never overwrites an output", path)
 	}
 	if err != nil {
 		return fmt.Errorf("ceremony: write %s: %w", path, err)
 	}
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("ceremony: %s exists: a ceremony never overwrites an output", path)
-		}
-		return fmt.Errorf("ceremony: %w", err)
-	}
-	return fsutil.SyncDir(dir)
+	return nil
 }

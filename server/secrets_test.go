@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/internal/testutil"
 	"github.com/hsmd/hsmd/server"
 )
 
@@ -26,24 +26,6 @@ const (
 	markerPlaintext = "MARKER-PLAINTEXT-7f3a"
 	markerContext   = "MARKER-CONTEXT-9c1e"
 )
-
-// lockedBuffer is a bytes.Buffer safe for the server's concurrent logging.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // findSecrets returns a description of each secret found in text.
 func findSecrets(where, text string, secrets map[string]string) []string {
@@ -70,7 +52,7 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	azReg := prometheus.NewRegistry()
-	var logs lockedBuffer
+	var logs testutil.SyncBuffer
 	az, err := server.NewAuthorizer(policy, azReg, nil)
 	if err != nil {
 		t.Fatal(err)

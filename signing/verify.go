@@ -1,8 +1,11 @@
 package signing
 
 import (
+	"bytes"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"strings"
 
 	"golang.org/x/mod/sumdb/note"
 )
@@ -40,6 +43,32 @@ func Verify(msg []byte, verifiers ...note.Verifier) error {
 	for _, v := range verifiers {
 		if !signed[nameHash{v.Name(), v.KeyHash()}] {
 			return fmt.Errorf("%w: %s+%08x", ErrMissingSignature, v.Name(), v.KeyHash())
+		}
+	}
+	return nil
+}
+
+// ErrNotCanonical: a signed note's signature lines are malformed or not in
+// canonical base64.
+var ErrNotCanonical = errors.New("signing: note signatures are not canonical")
+
+// CheckCanonical refuses a signed note whose signature lines are not
+// "— name base64" with canonical (strict) base64: lenient decoding ignores
+// the padding bits of the last character, so a stored note could change
+// in a byte and still verify. Verify does not check this; callers that
+// promise tamper-evidence byte for byte do.
+func CheckCanonical(n []byte) error {
+	_, sigs, ok := bytes.Cut(n, []byte("\n\n"))
+	if !ok {
+		return fmt.Errorf("%w: no signature block", ErrNotCanonical)
+	}
+	for _, line := range strings.Split(strings.TrimSuffix(string(sigs), "\n"), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 || f[0] != "\u2014" {
+			return fmt.Errorf("%w: malformed signature line", ErrNotCanonical)
+		}
+		if _, err := base64.StdEncoding.Strict().DecodeString(f[2]); err != nil {
+			return fmt.Errorf("%w: the signature by %s", ErrNotCanonical, f[1])
 		}
 	}
 	return nil

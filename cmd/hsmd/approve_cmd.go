@@ -6,9 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -318,34 +318,11 @@ func readFileCapped(path string, limit int64) ([]byte, error) {
 	return b, nil
 }
 
-// writeNewFile creates path with data durably and refuses to replace an
-// existing file: it writes a temp file, fsyncs it, hard-links it to path
-// (which fails if path exists) and fsyncs the directory.
+// writeNewFile writes path durably, refusing to replace an existing file.
 func writeNewFile(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path)+"-*")
-	if err != nil {
-		return err
+	err := fsutil.WriteFileNew(path, data, mode)
+	if errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("%s already exists; not replacing it", path)
 	}
-	defer os.Remove(f.Name())
-	err = f.Chmod(mode)
-	if err == nil {
-		_, err = f.Write(data)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Link(f.Name(), path); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("%s already exists; not replacing it", path)
-		}
-		return err
-	}
-	return fsutil.SyncDir(dir)
+	return err
 }

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +19,7 @@ import (
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/hsmd/hsmd/audit"
+	"github.com/hsmd/hsmd/internal/testutil"
 	"github.com/hsmd/hsmd/signing"
 )
 
@@ -243,24 +243,6 @@ func TestAuditTail(t *testing.T) {
 	}
 }
 
-// auditSyncBuffer is a bytes.Buffer safe for one writer and one reader.
-type auditSyncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *auditSyncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *auditSyncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // auditWaitFor polls cond for up to 15s.
 func auditWaitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -277,7 +259,7 @@ func TestAuditTailFollow(t *testing.T) {
 	f := newAuditFixture(t, 4)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var out, errb auditSyncBuffer
+	var out, errb testutil.SyncBuffer
 	env := &cliEnv{stdin: strings.NewReader(""), stdout: &out, stderr: &errb, getenv: func(string) string { return "" }}
 	done := make(chan int, 1)
 	go func() {
