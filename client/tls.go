@@ -8,17 +8,11 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 
 	"google.golang.org/grpc/credentials"
+
+	"github.com/hsmd/hsmd/internal/pqtls"
 )
-
-// hybridGroups are the hybrid post-quantum key exchanges the client offers,
-// most preferred first (hsmd's server offers the same).
-var hybridGroups = []tls.CurveID{tls.X25519MLKEM768, tls.SecP256r1MLKEM768}
-
-// classicalGroups are offered after them unless TLSOptions.PQOnly is set.
-var classicalGroups = []tls.CurveID{tls.X25519, tls.CurveP256}
 
 // maxCAFile caps what [LoadRootCAs] reads.
 const maxCAFile = 1 << 20
@@ -86,10 +80,7 @@ func (o *TLSOptions) config(address string) *tls.Config {
 	if name == "" {
 		name, _, _ = net.SplitHostPort(address)
 	}
-	groups := slices.Concat(hybridGroups, classicalGroups)
-	if o.PQOnly {
-		groups = slices.Clone(hybridGroups)
-	}
+	groups := pqtls.Preferences(o.PQOnly)
 	c := &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		MaxVersion:       tls.VersionTLS13,
@@ -99,7 +90,7 @@ func (o *TLSOptions) config(address string) *tls.Config {
 	}
 	if o.PQOnly {
 		c.VerifyConnection = func(cs tls.ConnectionState) error {
-			if !slices.Contains(hybridGroups, cs.CurveID) {
+			if !pqtls.IsHybrid(cs.CurveID) {
 				return fmt.Errorf("%w: negotiated %s", ErrNotHybrid, cs.CurveID)
 			}
 			return nil

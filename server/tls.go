@@ -8,27 +8,19 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/hsmd/hsmd/internal/pqtls"
 )
-
-// hybridGroups are the hybrid post-quantum key exchanges hsmd offers on
-// TCP, most preferred first: ML-KEM-768 combined with X25519 or with P-256,
-// so that a recorded session stays confidential if either half holds.
-var hybridGroups = []tls.CurveID{tls.X25519MLKEM768, tls.SecP256r1MLKEM768}
-
-// classicalGroups are the fallbacks for clients without hybrid support,
-// accepted unless TLSOptions.PQOnly is set.
-var classicalGroups = []tls.CurveID{tls.X25519, tls.CurveP256}
 
 // HybridGroups returns the hybrid post-quantum key exchange groups hsmd
 // offers, most preferred first. The slice is the caller's.
-func HybridGroups() []tls.CurveID { return slices.Clone(hybridGroups) }
+func HybridGroups() []tls.CurveID { return pqtls.Hybrid() }
 
 // IsHybridGroup reports whether id is one of [HybridGroups].
-func IsHybridGroup(id tls.CurveID) bool { return slices.Contains(hybridGroups, id) }
+func IsHybridGroup(id tls.CurveID) bool { return pqtls.IsHybrid(id) }
 
 // ErrNotHybrid is the handshake error when PQOnly is set and the key
 // exchange negotiated is not a hybrid post-quantum group.
@@ -62,10 +54,7 @@ func ServerTLSConfig(o TLSOptions) (*tls.Config, error) {
 	if len(o.Certificate.Certificate) == 0 || o.Certificate.PrivateKey == nil {
 		return nil, errors.New("server: tls: a certificate and its private key are required")
 	}
-	groups := slices.Concat(hybridGroups, classicalGroups)
-	if o.PQOnly {
-		groups = slices.Clone(hybridGroups)
-	}
+	groups := pqtls.Preferences(o.PQOnly)
 	c := &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		MaxVersion:       tls.VersionTLS13,
@@ -111,7 +100,7 @@ func NewTLSMetrics(reg prometheus.Registerer) *TLSMetrics {
 		}),
 	}
 	reg.MustRegister(m.handshakes, m.failures)
-	for _, g := range slices.Concat(hybridGroups, classicalGroups) {
+	for _, g := range pqtls.Preferences(false) {
 		m.handshakes.WithLabelValues(g.String()) // export zeros
 	}
 	return m
