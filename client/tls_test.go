@@ -238,3 +238,41 @@ func TestLoadRootCAs(t *testing.T) {
 		}
 	}
 }
+
+// TestWithTLSClientCertificate: a certificate loaded by
+// LoadClientCertificate is presented to a server that requires one; without
+// it the server refuses the handshake; a missing key file is an error
+// naming the files.
+func TestWithTLSClientCertificate(t *testing.T) {
+	f := startTLSFake(t, func(c *tls.Config) { c.ClientAuth = tls.RequireAnyClientCert })
+	mine, _, certPEM := testCert(t)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client-key.pem")
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(mine.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(certFile, certPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, err := LoadClientCertificate(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := encryptVia(t, f.addr, WithTLS(TLSOptions{RootCAs: f.roots, Certificate: cert})); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.lastState(); st == nil || len(st.PeerCertificates) != 1 || !st.PeerCertificates[0].Equal(mine.Leaf) {
+		t.Fatalf("the server did not see the client certificate: %+v", st)
+	}
+	if err := encryptVia(t, f.addr, WithTLS(TLSOptions{RootCAs: f.roots})); status.Code(err) != codes.Unavailable {
+		t.Fatalf("without a client certificate: %v, want UNAVAILABLE", err)
+	}
+	if _, err := LoadClientCertificate(certFile, filepath.Join(dir, "missing.pem")); err == nil ||
+		!strings.Contains(err.Error(), "missing.pem") || !strings.HasPrefix(err.Error(), "hsmd client: ") {
+		t.Fatalf("missing key file: %v", err)
+	}
+}

@@ -10,8 +10,10 @@ import (
 	"maps"
 	"slices"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	kmsapi "k8s.io/kms/apis/v2"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
@@ -126,6 +128,22 @@ func codeName(c codes.Code) string {
 	return c.String()
 }
 
+// kmsCall is a KMS v2 plugin request with the tenant it maps to (the
+// request itself names none), for describeRequest.
+type kmsCall struct {
+	tenant string
+	req    any
+}
+
+// auditRequest is req as describeRequest takes it: a KMS v2 request
+// wrapped with its tenant, any other as it is.
+func auditRequest(info *grpc.UnaryServerInfo, req any) any {
+	if k, ok := info.Server.(*kmsService); ok {
+		return kmsCall{tenant: k.tenant, req: req}
+	}
+	return req
+}
+
 // describeRequest fills what the entry says about the request: tenant,
 // version, item count and the HMACs of the distinct contexts. Never
 // plaintext or ciphertext.
@@ -163,6 +181,11 @@ func (s *Server) describeRequest(e *audit.Entry, req any) {
 		e.Tenant = r.Name
 	case *hsmdv1.SignCheckpointRequest:
 		e.Detail = checkpointSummary(r.Checkpoint, r.OldSize)
+	case kmsCall:
+		e.Tenant = r.tenant
+		if _, ok := r.req.(*kmsapi.StatusRequest); !ok {
+			e.Items = 1
+		}
 	}
 	e.Tenant = clip(e.Tenant, 256)
 }

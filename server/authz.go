@@ -248,7 +248,7 @@ func (s *Server) authorizeCall(ctx context.Context, info *grpc.UnaryServerInfo, 
 		slog.String("tenant", clip(tenant, 64)), slog.String("method", method), slog.String("request_id", requestID(ctx)))
 	if a := s.cfg.Audit; a != nil {
 		e := audit.Entry{Kind: audit.KindRPC, RequestID: requestID(ctx), Caller: caller, Method: method, Code: codeName(codes.PermissionDenied)}
-		s.describeRequest(&e, req)
+		s.describeRequest(&e, auditRequest(info, req))
 		if err := a.Append(context.WithoutCancel(ctx), e, false); err != nil {
 			s.log.LogAttrs(ctx, slog.LevelError, "audit log refused a denial entry", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
 		}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -22,7 +23,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	kmsapi "k8s.io/kms/apis/v2"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
@@ -333,4 +336,89 @@ func TestParsePolicyErrors(t *testing.T) {
 	if !p.Allow([]string{"cn:a"}, server.OpAuditSign, "", false) || p.Allow([]string{"cn:b"}, server.OpAuditSign, "", false) {
 		t.Error("Allow of an unscoped operation")
 	}
+}
+
+// TestAuthzAuditSignAndKMS: the rest of the matrix. Audit.SignCheckpoint
+// (served with the server's options, as the daemon does) needs audit-sign;
+// the KMS v2 plugin needs encrypt (Encrypt, and Status, which names the
+// current key version) and decrypt (Decrypt) on its tenant.
+func TestAuthzAuditSignAndKMS(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "policy.yaml")
+	uid := os.Getuid()
+	grant := func(tenants, ops string) {
+		t.Helper()
+		writePolicy(t, file, fmt.Sprintf("principals:\n  - name: me\n    match: [\"uid:%d\"]\n    tenants: %s\n    operations: %s\n", uid, tenants, ops))
+	}
+	grant(`["*"]`, "[tenant-admin]")
+	az, err := server.NewAuthorizer(file, prometheus.NewRegistry(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newStack(t, stackOpts{authz: az})
+	s.createTenant("k8s")
+
+	l := newTestLog(t, "", 2)
+	svc, err := server.NewWitnessService(newWitnessKit(t, l, nil).witness(), server.WitnessConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(s.srv.ServerOptions()...)
+	svc.Register(g)
+	if err := s.srv.RegisterKMSv2(g, "k8s"); err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("unix", filepath.Join(t.TempDir(), "audit.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	cc, err := grpc.NewClient("unix://"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	auditc, kms := hsmdv1.NewAuditClient(cc), kmsapi.NewKeyManagementServiceClient(cc)
+
+	sign := func() error { _, err := signCP(auditc, 0, nil, l.checkpoint(2)); return err }
+	encrypt := func() ([]byte, error) {
+		r, err := kms.Encrypt(t.Context(), &kmsapi.EncryptRequest{Uid: "u", Plaintext: make([]byte, 32)})
+		return r.GetCiphertext(), err
+	}
+	denied := func(what string, err error) {
+		t.Helper()
+		if status.Code(err) != codes.PermissionDenied {
+			t.Errorf("%s: %v, want PERMISSION_DENIED", what, err)
+		}
+	}
+	denied("SignCheckpoint without audit-sign", sign())
+	_, err = encrypt()
+	denied("KMS Encrypt without encrypt", err)
+	_, err = kms.Status(t.Context(), &kmsapi.StatusRequest{})
+	denied("KMS Status without encrypt (it names the current key version)", err)
+
+	grant(`["k8s"]`, "[audit-sign, encrypt]")
+	if err := az.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if err := sign(); err != nil {
+		t.Errorf("SignCheckpoint with audit-sign: %v", err)
+	}
+	ct, err := encrypt()
+	if err != nil {
+		t.Fatalf("KMS Encrypt with encrypt on k8s: %v", err)
+	}
+	if st, err := kms.Status(t.Context(), &kmsapi.StatusRequest{}); err != nil || st.Healthz != "ok" {
+		t.Errorf("KMS Status with encrypt: %+v %v", st, err)
+	}
+	_, err = kms.Decrypt(t.Context(), &kmsapi.DecryptRequest{Uid: "u", Ciphertext: ct, KeyId: server.KMSKeyID("k8s", 1)})
+	denied("KMS Decrypt without decrypt", err)
+
+	grant(`["other"]`, "[encrypt, decrypt]")
+	if err := az.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = encrypt()
+	denied("KMS Encrypt with encrypt on another tenant", err)
+	denied("SignCheckpoint after audit-sign was withdrawn", sign())
 }

@@ -200,7 +200,7 @@ func TestKMSv2StatusHSMFailing(t *testing.T) {
 }
 
 // TestKMSv2AuditFailingAndRecorded: KMS calls are audit entries like any
-// other call; while the audit log refuses entries, Status is refused with
+// other call, naming the plugin's tenant; while the audit log refuses entries, Status is refused with
 // UNAVAILABLE (the API server's healthz fails), as Encrypt is.
 func TestKMSv2AuditFailingAndRecorded(t *testing.T) {
 	s := newStack(t, stackOpts{audit: true})
@@ -240,7 +240,7 @@ func TestKMSv2AuditFailingAndRecorded(t *testing.T) {
 	var methods []string
 	for _, e := range s.auditEntries() {
 		if e.Kind == "rpc" {
-			if !strings.HasPrefix(e.Caller, "unix:uid=") || e.RequestID == "" || e.Code != "OK" {
+			if !strings.HasPrefix(e.Caller, "unix:uid=") || e.RequestID == "" || e.Code != "OK" || e.Tenant != "k8s" || e.Items != 1 {
 				t.Fatalf("entry %+v", e)
 			}
 			methods = append(methods, e.Method)

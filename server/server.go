@@ -241,13 +241,13 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	}
 	if audited && err == nil {
 		caller = callerIdentity(ctx)
-		err = s.auditBefore(ctx, method, caller, req)
+		err = s.auditBefore(ctx, method, caller, auditRequest(info, req))
 	}
 	if err == nil {
 		resp, err = h(ctx, req)
 		err = toStatus(ctx, s.log, err)
 		if audited {
-			if aerr := s.auditAfter(ctx, method, caller, req, resp, status.Code(err)); aerr != nil {
+			if aerr := s.auditAfter(ctx, method, caller, auditRequest(info, req), resp, status.Code(err)); aerr != nil {
 				resp, err = nil, aerr
 			}
 		}

@@ -28,9 +28,9 @@ type devSetup struct {
 
 // devProfile turns c into the development profile: a SoftHSM token under
 // the data directory, made on first use; the in-process TPM simulator
-// (unless insecure); loopback listeners, TCP with TLS under a self-signed
-// certificate (see devTLS). It sets SOFTHSM2_CONF for this
-// process, so it must run before the HSM is opened.
+// (unless insecure); loopback listeners, TCP with mutual TLS under a local
+// CA (see devTLS). It sets SOFTHSM2_CONF for this process, so it must run
+// before the HSM is opened.
 //
 // With a TPM no PIN is ever written to disk: a new token's user PIN is
 // returned for sealing, its SO PIN is discarded (a dev token needs none).

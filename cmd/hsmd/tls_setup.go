@@ -1,41 +1,23 @@
 package main
 
-// TLS of the gRPC TCP listener: the tls: configuration section, the dev
-// profile's self-signed certificate, the server credentials, and the
-// client commands' TLS flags.
+// TLS of the gRPC TCP listener: the tls: configuration section, the
+// server credentials, and the client commands' TLS flags. (The dev
+// profile's certificates are in devpki.go.)
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"google.golang.org/grpc"
 
 	"github.com/hsmd/hsmd/client"
-	"github.com/hsmd/hsmd/internal/fsutil"
 	"github.com/hsmd/hsmd/server"
-)
-
-const (
-	// devTLSDir holds the dev profile's certificate, under the data dir.
-	devTLSDir = "tls"
-	// devCertLifetime is the dev certificate's validity; it is made anew
-	// once less than devCertRenew of it is left.
-	devCertLifetime = 365 * 24 * time.Hour
-	devCertRenew    = 7 * 24 * time.Hour
 )
 
 // TLSConfig is the tls: section: the certificate of the gRPC TCP listener,
@@ -127,87 +109,23 @@ func checkTCPListen(addr string, t *TLSConfig) error {
 	return nil
 }
 
-// devTLS gives the dev profile a TLS certificate unless the configuration
-// names one: a self-signed ECDSA P-256 certificate for 127.0.0.1, ::1 and
-// localhost in <data_dir>/tls/{cert,key}.pem, made on first start and
-// again when it nears its end.
-func devTLS(c *Config, now time.Time, logf func(string, ...any)) error {
-	if c.TLS.enabled() {
-		return nil
-	}
-	dir := filepath.Join(c.DataDir, devTLSDir)
-	c.TLS.CertFile, c.TLS.KeyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if cert, err := tls.LoadX509KeyPair(c.TLS.CertFile, c.TLS.KeyFile); err == nil && cert.Leaf != nil &&
-		now.Add(devCertRenew).Before(cert.Leaf.NotAfter) {
-		return nil
-	}
-	logf("creating the development TLS certificate %s (self-signed, for 127.0.0.1, ::1 and localhost)", c.TLS.CertFile)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("dev profile: %w", err)
-	}
-	certPEM, keyPEM, err := selfSignedCert(now)
-	if err != nil {
-		return fmt.Errorf("dev profile: TLS certificate: %w", err)
-	}
-	defer clear(keyPEM)
-	// The key first: a certificate never names a key that is not there.
-	if err := fsutil.WriteFileAtomic(c.TLS.KeyFile, keyPEM, 0o600); err != nil {
-		return fmt.Errorf("dev profile: %w", err)
-	}
-	if err := fsutil.WriteFileAtomic(c.TLS.CertFile, certPEM, 0o644); err != nil {
-		return fmt.Errorf("dev profile: %w", err)
-	}
-	return nil
-}
-
-// selfSignedCert makes a self-signed server certificate (not a CA) for the
-// loopback names, valid from an hour before now for devCertLifetime.
-func selfSignedCert(now time.Time) (certPEM, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return nil, nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "hsmd development"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(devCertLifetime),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		DNSNames:              []string{"localhost"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		return nil, nil, err
-	}
-	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer clear(pkcs8)
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}), nil
-}
-
 // tlsFlags are the client commands' TLS flags.
 type tlsFlags struct {
 	ca        string
+	cert, key string
 	pqOnly    bool
 	plaintext bool
 }
 
-// devCertPath is the certificate of `make run` (hsmd serve --dev --data-dir
-// ./var), trusted by default for a loopback TCP address.
-var devCertPath = filepath.Join(DefaultDataDir, devTLSDir, "cert.pem")
+// devPKIDefault are the files of `make run` (hsmd serve --dev --data-dir
+// ./var): its CA is trusted, and its client certificate presented, by
+// default for a loopback TCP address.
+var devPKIDefault = devPKIAt(filepath.Join(DefaultDataDir, devTLSDir))
 
 func (f *tlsFlags) register(fs *flag.FlagSet, env *cliEnv) {
-	fs.StringVar(&f.ca, "tls-ca", env.getenv("HSMD_TLS_CA"), "PEM file of the CA (or self-signed certificate) hsmd's TLS certificate must chain to, for a TCP --addr (env HSMD_TLS_CA; default for a loopback address "+devCertPath+" if present, else the system roots)")
+	fs.StringVar(&f.ca, "tls-ca", env.getenv("HSMD_TLS_CA"), "PEM file of the CA hsmd's TLS certificate must chain to, for a TCP --addr (env HSMD_TLS_CA; default for a loopback address "+devPKIDefault.ca+" if present, else the system roots)")
+	fs.StringVar(&f.cert, "tls-cert", env.getenv("HSMD_TLS_CERT"), "PEM client certificate (chain) to present for mutual TLS (env HSMD_TLS_CERT; default for a loopback address "+devPKIDefault.clientCert+" if present)")
+	fs.StringVar(&f.key, "tls-key", env.getenv("HSMD_TLS_KEY"), "PEM private key of --tls-cert (env HSMD_TLS_KEY; default "+devPKIDefault.clientKey+" with the default certificate)")
 	fs.BoolVar(&f.pqOnly, "tls-pq-only", false, "refuse a TLS connection without a hybrid post-quantum key exchange")
 	fs.BoolVar(&f.plaintext, "plaintext", false, "dial a TCP --addr without TLS (loopback only: an hsmd configured without tls)")
 }
@@ -219,15 +137,23 @@ func (f *tlsFlags) options(addr string) ([]client.Option, error) {
 		return nil, nil
 	}
 	if f.plaintext {
-		if f.ca != "" || f.pqOnly {
-			return nil, &usageError{msg: "--plaintext excludes --tls-ca (HSMD_TLS_CA) and --tls-pq-only"}
+		if f.ca != "" || f.cert != "" || f.key != "" || f.pqOnly {
+			return nil, &usageError{msg: "--plaintext excludes --tls-ca, --tls-cert, --tls-key (HSMD_TLS_*) and --tls-pq-only"}
 		}
 		return nil, nil
 	}
+	if (f.cert == "") != (f.key == "") {
+		return nil, &usageError{msg: "--tls-cert and --tls-key (HSMD_TLS_CERT, HSMD_TLS_KEY) go together"}
+	}
 	o := client.TLSOptions{PQOnly: f.pqOnly}
-	ca := f.ca
-	if ca == "" && checkLoopback(addr) == nil && exists(devCertPath) {
-		ca = devCertPath
+	ca, cert, key := f.ca, f.cert, f.key
+	if checkLoopback(addr) == nil {
+		if ca == "" && exists(devPKIDefault.ca) {
+			ca = devPKIDefault.ca
+		}
+		if cert == "" && exists(devPKIDefault.clientCert) && exists(devPKIDefault.clientKey) {
+			cert, key = devPKIDefault.clientCert, devPKIDefault.clientKey
+		}
 	}
 	if ca != "" {
 		pool, err := client.LoadRootCAs(ca)
@@ -236,6 +162,13 @@ func (f *tlsFlags) options(addr string) ([]client.Option, error) {
 		}
 		o.RootCAs = pool
 	}
+	if cert != "" {
+		c, err := client.LoadClientCertificate(cert, key)
+		if err != nil {
+			return nil, &usageError{msg: "--tls-cert: " + err.Error()}
+		}
+		o.Certificate = c
+	}
 	return []client.Option{client.WithTLS(o)}, nil
 }
 
@@ -243,7 +176,7 @@ func (f *tlsFlags) options(addr string) ([]client.Option, error) {
 // handshake failed, else whether hsmd runs.
 func unavailableHint(msg string) string {
 	if strings.Contains(msg, "handshake") || strings.Contains(msg, "tls:") || strings.Contains(msg, "x509:") {
-		return "the TLS handshake failed: check --tls-ca (HSMD_TLS_CA) and --tls-pq-only; for an hsmd without tls use --plaintext"
+		return "the TLS handshake failed: check --tls-ca (HSMD_TLS_CA), the client certificate (--tls-cert, --tls-key) and --tls-pq-only; for an hsmd without tls use --plaintext"
 	}
 	return connectHint
 }

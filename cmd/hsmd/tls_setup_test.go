@@ -56,58 +56,103 @@ func TestCheckTCPListen(t *testing.T) {
 	}
 }
 
-// TestDevTLS: the dev profile makes a self-signed P-256 certificate for the
-// loopback names, keeps it across starts, renews it near its end, and
-// leaves a configured certificate alone.
+// TestDevTLS: the dev profile makes a local CA, a server certificate for
+// the loopback names and a client certificate for devClientID, requires
+// client certificates from that CA, keeps them across starts, makes them
+// anew when one nears its end or a file is altered, and leaves a
+// configured certificate alone.
 func TestDevTLS(t *testing.T) {
 	c := &Config{DataDir: t.TempDir()}
 	now := time.Now()
 	if err := devTLS(c, now, t.Logf); err != nil {
 		t.Fatal(err)
 	}
-	if c.TLS.CertFile != filepath.Join(c.DataDir, "tls", "cert.pem") || c.TLS.KeyFile != filepath.Join(c.DataDir, "tls", "key.pem") {
+	p := devPKIAt(filepath.Join(c.DataDir, "tls"))
+	if c.TLS.CertFile != p.cert || c.TLS.KeyFile != p.key || c.TLS.ClientCAFile != p.ca {
 		t.Fatalf("TLS = %+v", c.TLS)
 	}
-	if fi, err := os.Stat(c.TLS.KeyFile); err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("key file: %v %v", fi, err)
+	for _, key := range []string{p.key, p.clientKey} {
+		if fi, err := os.Stat(key); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("key file %s: %v %v", key, fi, err)
+		}
 	}
-	pair, err := tls.LoadX509KeyPair(c.TLS.CertFile, c.TLS.KeyFile)
+	caPEM, err := os.ReadFile(p.ca)
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf := pair.Leaf
-	if leaf.PublicKeyAlgorithm != x509.ECDSA || leaf.IsCA || !bytes.Equal(leaf.RawIssuer, leaf.RawSubject) ||
-		leaf.CheckSignature(leaf.SignatureAlgorithm, leaf.RawTBSCertificate, leaf.Signature) != nil {
-		t.Fatalf("not a self-signed ECDSA leaf: %+v", leaf)
-	}
 	roots := x509.NewCertPool()
-	roots.AddCert(leaf)
+	if !roots.AppendCertsFromPEM(caPEM) {
+		t.Fatal("ca.pem holds no certificate")
+	}
+	if matches, _ := filepath.Glob(filepath.Join(c.DataDir, "tls", "*ca*key*")); len(matches) != 0 {
+		t.Fatalf("the CA's private key was kept: %v", matches)
+	}
+	server, err := tls.LoadX509KeyPair(p.cert, p.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if server.Leaf.IsCA || server.Leaf.PublicKeyAlgorithm != x509.ECDSA {
+		t.Fatalf("server certificate: %+v", server.Leaf)
+	}
 	for _, name := range []string{"127.0.0.1", "::1", "localhost"} {
-		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots}); err != nil {
-			t.Errorf("the certificate does not verify for %s: %v", name, err)
+		if _, err := server.Leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots}); err != nil {
+			t.Errorf("the server certificate does not verify for %s: %v", name, err)
 		}
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{DNSName: "hsmd.example", Roots: roots}); err == nil {
-		t.Error("the certificate verifies for hsmd.example")
+	if _, err := server.Leaf.Verify(x509.VerifyOptions{DNSName: "hsmd.example", Roots: roots}); err == nil {
+		t.Error("the server certificate verifies for hsmd.example")
 	}
-	first, _ := os.ReadFile(c.TLS.CertFile)
+	cli, err := tls.LoadX509KeyPair(p.clientCert, p.clientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatalf("the client certificate does not verify as a client: %v", err)
+	}
+	if _, err := cli.Leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err == nil {
+		t.Fatal("the client certificate verifies as a server")
+	}
+	if len(cli.Leaf.URIs) != 1 || cli.Leaf.URIs[0].String() != devClientID {
+		t.Fatalf("client identity %v, want %s", cli.Leaf.URIs, devClientID)
+	}
 
 	again := &Config{DataDir: c.DataDir}
 	if err := devTLS(again, now.Add(24*time.Hour), t.Logf); err != nil {
 		t.Fatal(err)
 	}
-	if b, _ := os.ReadFile(c.TLS.CertFile); !bytes.Equal(b, first) {
-		t.Fatal("a second start made a new certificate")
+	if b, _ := os.ReadFile(p.ca); !bytes.Equal(b, caPEM) {
+		t.Fatal("a second start made a new CA")
 	}
-	if err := devTLS(&Config{DataDir: c.DataDir}, leaf.NotAfter.Add(-time.Hour), t.Logf); err != nil {
+	if err := devTLS(&Config{DataDir: c.DataDir}, cli.Leaf.NotAfter.Add(-time.Hour), t.Logf); err != nil {
 		t.Fatal(err)
 	}
-	if b, _ := os.ReadFile(c.TLS.CertFile); bytes.Equal(b, first) {
-		t.Fatal("a certificate near its end was not renewed")
+	renewed, _ := os.ReadFile(p.ca)
+	if bytes.Equal(renewed, caPEM) {
+		t.Fatal("certificates near their end were not renewed")
+	}
+	// A server certificate from elsewhere (here: the old CA's) is replaced.
+	other := devPKIAt(t.TempDir())
+	if err := other.issue(now); err != nil {
+		t.Fatal(err)
+	}
+	for src, dst := range map[string]string{other.cert: p.cert, other.key: p.key} {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(dst, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p.valid(now) {
+		t.Fatal("a server certificate of another CA passes")
+	}
+	if err := devTLS(&Config{DataDir: c.DataDir}, now, t.Logf); err != nil || !p.valid(now) {
+		t.Fatalf("not reissued: %v", err)
 	}
 
 	own := &Config{DataDir: t.TempDir(), TLS: TLSConfig{CertFile: "/etc/hsmd/cert.pem", KeyFile: "/etc/hsmd/key.pem", PQOnly: true}}
-	if err := devTLS(own, now, t.Logf); err != nil || own.TLS.CertFile != "/etc/hsmd/cert.pem" {
+	if err := devTLS(own, now, t.Logf); err != nil || own.TLS.CertFile != "/etc/hsmd/cert.pem" || own.TLS.ClientCAFile != "" {
 		t.Fatalf("configured TLS changed: %+v %v", own.TLS, err)
 	}
 	if exists(filepath.Join(own.DataDir, "tls")) {
@@ -149,14 +194,23 @@ func TestTLSFlags(t *testing.T) {
 	if opts, err := cf.tls.options("10.0.0.1:7443"); err != nil || len(opts) != 1 {
 		t.Fatalf("TLS with the system roots: %v %v", opts, err)
 	}
+	cf.tls.cert = "client.pem"
+	if _, err := cf.tls.options("10.0.0.1:7443"); !errors.As(err, &ue) || !strings.Contains(err.Error(), "--tls-key") {
+		t.Fatalf("--tls-cert without --tls-key: %v", err)
+	}
+	cf.tls.key = "/nonexistent/client-key.pem"
+	if _, err := cf.tls.options("10.0.0.1:7443"); !errors.As(err, &ue) || !strings.Contains(err.Error(), "--tls-cert") {
+		t.Fatalf("missing client key file: %v", err)
+	}
 }
 
 var tcpLine = regexp.MustCompile(`grpc +(127\.0\.0\.1:\d+) \(TLS 1\.3`)
 
-// TestDevServerTLS: `hsmd serve --dev` serves TLS 1.3 on its TCP port with
-// the certificate it made; the CLI trusts that certificate by default,
-// negotiates X25519MLKEM768 (counted in the metrics), and fails without
-// TLS or with another CA.
+// TestDevServerTLS: `hsmd serve --dev` serves mutual TLS 1.3 on its TCP
+// port with the certificates it made; the CLI trusts the dev CA and
+// presents the dev client certificate by default, negotiates
+// X25519MLKEM768 (counted in the metrics), and fails without TLS or with
+// another CA. (TestDevServerAuthz covers the client certificates.)
 func TestDevServerTLS(t *testing.T) {
 	dir := t.TempDir()
 	d := startDaemon(t, serveCmd(t, dir))
@@ -175,15 +229,11 @@ func TestDevServerTLS(t *testing.T) {
 	} else if !strings.Contains(errOut, "hsmd: error:") {
 		t.Fatalf("unclear failure: %s", errOut)
 	}
-	other := filepath.Join(t.TempDir(), "other.pem")
-	certPEM, _, err := selfSignedCert(time.Now())
-	if err != nil {
+	other := devPKIAt(t.TempDir())
+	if err := other.issue(time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(other, certPEM, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, errOut, err := cli(t, dir, "", "tenants", "list", "--addr", addr, "--tls-ca", other, "--timeout", "5s"); err == nil {
+	if _, errOut, err := cli(t, dir, "", "tenants", "list", "--addr", addr, "--tls-ca", other.ca, "--timeout", "5s"); err == nil {
 		t.Fatal("a call trusting another certificate succeeded")
 	} else if !strings.Contains(errOut, "hsmd: hint: the TLS handshake failed") {
 		t.Fatalf("no TLS hint: %s", errOut)
