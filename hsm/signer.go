@@ -172,10 +172,12 @@ func (s *signer) check(digest []byte, opts crypto.SignerOpts) ([]*pkcs11.Mechani
 	}
 }
 
-// rawToDER converts a PKCS#11 ECDSA signature r || s to ASN.1 DER.
+// rawToDER converts a PKCS#11 ECDSA P-256 signature r || s (32 bytes
+// each, as CKM_ECDSA returns it for hsmd's only curve) to ASN.1 DER. Any
+// other length is refused.
 func rawToDER(raw []byte) ([]byte, error) {
-	if len(raw) == 0 || len(raw)%2 != 0 {
-		return nil, fmt.Errorf("hsm: sign: malformed ECDSA signature of %d bytes", len(raw))
+	if len(raw) != 64 {
+		return nil, fmt.Errorf("hsm: sign: malformed ECDSA P-256 signature of %d bytes (want 64)", len(raw))
 	}
 	n := len(raw) / 2
 	return asn1.Marshal(struct{ R, S *big.Int }{
