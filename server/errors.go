@@ -75,6 +75,9 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 		return status.Error(codes.Unavailable, "the audit log cannot record this change (it was made; check before retrying)")
 	case errors.Is(err, store.ErrClosed):
 		return status.Error(codes.Unavailable, "the server is shutting down")
+	case errors.Is(err, store.ErrUnavailable):
+		log.LogAttrs(ctx, slog.LevelWarn, "metadata store unavailable", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
+		return status.Error(codes.Unavailable, "the metadata store is unavailable; retry later")
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
 	case errors.Is(err, context.Canceled):

@@ -4,15 +4,17 @@
 // the tenant's salt.
 //
 // Two backends implement Store: bbolt (package store/bolt, the embedded
-// single-node default) and, later, etcd (clusters). Both must pass the
-// conformance suite in package store/storetest.
+// single-node default) and etcd (package store/etcd, clusters). Both must
+// pass the conformance suite in package store/storetest.
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"time"
 )
 
@@ -28,6 +30,10 @@ var (
 	ErrInvalid = errors.New("store: invalid record")
 	// ErrClosed: the store was closed.
 	ErrClosed = errors.New("store: closed")
+	// ErrUnavailable: the store cannot answer now (a clustered store
+	// without quorum, or a replica cache that cannot confirm it is
+	// current); retry later. A write that returns it may have been made.
+	ErrUnavailable = errors.New("store: unavailable")
 )
 
 // SaltSize is the size of a key version's salt in bytes.
@@ -109,6 +115,18 @@ func (t *Tenant) Version(v uint32) (KeyVersion, bool) {
 		}
 	}
 	return KeyVersion{}, false
+}
+
+// Clone returns a deep copy of t: a caller may change the copy (as the
+// rotation manager does before UpdateTenant) without touching t.
+func (t *Tenant) Clone() *Tenant {
+	c := *t
+	c.Versions = slices.Clone(t.Versions)
+	for i := range c.Versions {
+		v := &c.Versions[i]
+		v.Salt, v.XWingPublic, v.XWingSealed = bytes.Clone(v.Salt), bytes.Clone(v.XWingPublic), bytes.Clone(v.XWingSealed)
+	}
+	return &c
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

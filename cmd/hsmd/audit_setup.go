@@ -62,6 +62,9 @@ type WitnessLog struct {
 }
 
 func (c *Config) auditDefaults() {
+	if c.Audit.Origin == "" && c.Store.Etcd != nil {
+		c.Audit.Origin = "hsmd/" + c.Store.Etcd.Replica // each replica writes its own log
+	}
 	if c.Audit.Origin == "" {
 		host, err := os.Hostname()
 		if err != nil || host == "" {

@@ -27,7 +27,13 @@ type parts struct {
 	tpm      *tpm.TPM            // nil with --insecure-no-tpm
 	secrets  *localstate.Secrets // nil with --insecure-no-tpm
 	hsm      *hsm.HSM
-	store    *bolt.Store
+	// store is the local bbolt store: the metadata of a single node, and
+	// always what binds the data directory to the rollback counter.
+	store *bolt.Store
+	// meta is the metadata store the services use: store, or with
+	// store.etcd the replica's cache of the cluster's.
+	meta     store.Store
+	replica  *replica // nil without store.etcd
 	counter  *localstate.Counter // nil with --insecure-no-tpm
 	audit    *audit.Log
 	auditCtx *audit.ContextHasher
@@ -79,6 +85,14 @@ func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devS
 		return nil, err
 	}
 	p.closers = append(p.closers, p.store.Close)
+	p.meta = p.store
+	if e := c.Store.Etcd; e != nil {
+		if p.replica, err = openReplica(ctx, e, c.Listen.TCP, log); err != nil {
+			return nil, err
+		}
+		p.closers = append(p.closers, func() error { p.replica.close(); return nil })
+		p.meta = p.replica.cache
+	}
 	if err := p.openAudit(ctx); err != nil {
 		return nil, err
 	}

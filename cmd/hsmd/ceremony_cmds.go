@@ -245,7 +245,7 @@ func ceremonyDone(env *cliEnv, f *ceremony.File, t *ceremony.Transcript) error {
 func (p *parts) kdkInUse(ctx context.Context, v uint32) (int, error) {
 	n, after := 0, ""
 	for {
-		ts, err := p.store.ListTenants(ctx, after, 500)
+		ts, err := p.meta.ListTenants(ctx, after, 500)
 		if err != nil {
 			return 0, err
 		}

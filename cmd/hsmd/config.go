@@ -42,6 +42,7 @@ type Config struct {
 	TLS      TLSConfig      `yaml:"tls"`
 	KMS      KMSConfig      `yaml:"kms"`
 	Authz    AuthzConfig    `yaml:"authz"`
+	Store    StoreConfig    `yaml:"store"`
 
 	newAuditLog bool // --new-audit-log (not in the file)
 }
@@ -106,6 +107,9 @@ func (c *Config) applyDefaults() {
 		c.Log.Level = "info"
 	}
 	c.Limits = c.Limits.WithDefaults()
+	if c.Store.Etcd != nil {
+		c.Store.Etcd.applyDefaults()
+	}
 	c.auditDefaults()
 }
 
@@ -132,6 +136,11 @@ func (c *Config) validate(insecure bool) error {
 	}
 	if err := c.TLS.validate(); err != nil {
 		return err
+	}
+	if c.Store.Etcd != nil {
+		if err := c.Store.Etcd.validate(); err != nil {
+			return err
+		}
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

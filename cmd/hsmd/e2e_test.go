@@ -33,7 +33,7 @@ var built struct {
 }
 
 // hsmdBinary builds hsmd once per test process.
-func hsmdBinary(t *testing.T) string {
+func hsmdBinary(t testing.TB) string {
 	t.Helper()
 	built.once.Do(func() {
 		dir, err := os.MkdirTemp("", "hsmd-e2e-bin-")
@@ -76,7 +76,7 @@ var metricsLine = regexp.MustCompile(`metrics +(http://\S+/metrics)`)
 
 // startDaemon runs cmd in its own process group and waits for its "try"
 // line, which it prints once every listener is up.
-func startDaemon(t *testing.T, cmd *exec.Cmd) *daemonProc {
+func startDaemon(t testing.TB, cmd *exec.Cmd) *daemonProc {
 	t.Helper()
 	d := &daemonProc{cmd: cmd, out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -113,11 +113,11 @@ func startDaemon(t *testing.T, cmd *exec.Cmd) *daemonProc {
 }
 
 // stop sends SIGTERM to the process group and waits for a clean exit.
-func (d *daemonProc) stop(t *testing.T) {
+func (d *daemonProc) stop(t testing.TB) {
 	d.once.Do(func() { d.terminate(t) })
 }
 
-func (d *daemonProc) terminate(t *testing.T) {
+func (d *daemonProc) terminate(t testing.TB) {
 	syscall.Kill(-d.cmd.Process.Pid, syscall.SIGTERM)
 	select {
 	case err := <-d.done:

@@ -55,7 +55,7 @@ func (d *daemon) serveKMS(ctx context.Context, errc chan<- error) (stop func(), 
 	if err != nil {
 		return nil, fmt.Errorf("kms.socket: %w", err)
 	}
-	if _, err := d.store.GetTenant(ctx, k.Tenant); err != nil {
+	if _, err := d.meta.GetTenant(ctx, k.Tenant); err != nil {
 		d.log.Warn(fmt.Sprintf("kms.tenant %q: %v; the KMS plugin answers NOT_FOUND until it exists (hsmd tenants create %s)", k.Tenant, err, k.Tenant))
 	}
 	go func() { errc <- g.Serve(l) }()

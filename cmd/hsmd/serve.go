@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -24,6 +25,7 @@ import (
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/signing"
+	"github.com/hsmd/hsmd/store"
 )
 
 func init() {
@@ -151,10 +153,14 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	}
 	d := &daemon{parts: pt, reg: prometheus.NewRegistry()}
 	var eng *envelope.Engine
+	if pt.replica != nil {
+		pt.replica.forget = func(old, new *store.Tenant) { forgetChanged(eng, old, new) }
+		pt.replica.registerMetrics(d.reg)
+	}
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
 	ec := c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))
 	ec.OnSealKey = func(ref envelope.KeyRef) { d.srv.RecordDEK(ref) } // usage limits
-	xwing := &server.XWingKeys{Store: pt.store, Wrap: pt.hsm}         // suite 0x02 (offline HPKE producers)
+	xwing := &server.XWingKeys{Store: pt.meta, Wrap: pt.hsm}         // suite 0x02 (offline HPKE producers)
 	ec.XWing = xwing
 	if eng, err = envelope.New(ec); err != nil {
 		d.close()
@@ -173,7 +179,7 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		},
 	}
 	sc := server.Config{
-		Store: pt.store, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: pt.hsm.NewestKDK(),
+		Store: pt.meta, Engine: eng, Metrics: metrics, Limits: c.Limits, Logger: log, KDKVersion: pt.hsm.NewestKDK(),
 		Ready: pt.hsm.Ready, InsecureNoTPM: pt.insecure, Keys: keys,
 		Audit: pt.audit, AuditContexts: pt.auditCtx, XWing: xwing,
 	}
@@ -231,7 +237,7 @@ func armFailpoint(name string, log *slog.Logger) {
 // keys of the versions concerned and advances the rollback counter.
 func (d *daemon) keyManager(eng *envelope.Engine, dev bool) *rotation.Manager {
 	m := &rotation.Manager{
-		Store:      d.store,
+		Store:      d.meta,
 		KDKVersion: d.hsm.NewestKDK,
 		OnChange:   func(ctx context.Context, c rotation.Change) error { return d.changed(ctx, eng, c) },
 	}
@@ -263,6 +269,10 @@ func (d *daemon) changed(ctx context.Context, eng *envelope.Engine, cs ...rotati
 			return errors.Join(auditErr, err)
 		}
 	}
+	if auditErr == nil && d.replica != nil && len(cs) > 0 {
+		// In force on every replica before the call returns, or said.
+		return d.replica.confirm(ctx)
+	}
 	return auditErr
 }
 
@@ -291,6 +301,13 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	if err != nil {
 		return err
 	}
+	if d.replica != nil && d.replica.cfg.Advertise == "" {
+		for _, l := range ls {
+			if !l.metrics && !l.witness && !strings.HasPrefix(l.name, "unix://") {
+				d.replica.node.SetAddr(l.name)
+			}
+		}
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// The background jobs finish before serve returns, so that the audit
@@ -299,7 +316,12 @@ func (d *daemon) serve(ctx context.Context, env *cliEnv) error {
 	defer jobs.Wait()
 	defer cancel()
 	jobs.Go(func() { d.srv.WatchReady(ctx, 5*time.Second) })
-	jobs.Go(func() { d.sched.Run(ctx) })
+	if d.replica != nil {
+		jobs.Go(func() { d.replica.lead(ctx, d.sched.Run) })
+		jobs.Go(func() { d.replica.publishCheckpoints(ctx, d.cfg) })
+	} else {
+		jobs.Go(func() { d.sched.Run(ctx) })
+	}
 	jobs.Go(func() { d.srv.WatchKeys(ctx, time.Minute) })
 	jobs.Go(func() { watchAuthz(ctx, d.authz) })
 	errc := make(chan error, len(ls)+2)
