@@ -8,6 +8,10 @@
 #   make proto-check check that the committed generated code is reproducible
 #   make bench       run benchmarks
 #   make fuzz        run every fuzz target (of FUZZ_PKGS) for FUZZTIME (default 30s) each
+#   make faults      HSM fault injection under load for FAULT_DURATION (default 5m;
+#                    HSMD_FAULT_SEED=N replays a run's random faults)
+#   make soak        soak test at full load for DURATION (default 10m), failing on growth
+#   make crash       CRASH_ROUNDS (default 50) rounds of SIGKILL under mixed load, checked after each
 #   make clean       remove bin/ and .bin/ (make clean-var also removes ./var)
 
 SHELL := bash
@@ -19,7 +23,8 @@ GO ?= go
 # Project-local tools, installed by `go install` with GOBIN.
 TOOLS_BIN := $(CURDIR)/.bin
 
-# Debian packages the tests and the dev server need (etcd-server comes with clustering).
+# Debian packages the tests and the dev server need. (etcd is not one: the cluster
+# tests run etcd's embed package at the client's version, avoiding Debian's 3.4.)
 PKGS := softhsm2 swtpm swtpm-tools
 # Debian packages `make proto` needs.
 PROTO_PKGS := protobuf-compiler
@@ -38,6 +43,11 @@ PROTOC_FLAGS := --go_opt=paths=source_relative --go-grpc_opt=paths=source_relati
 
 FUZZTIME ?= 30s
 FUZZ_PKGS ?= ./...
+FAULT_DURATION ?= 5m
+DURATION ?= 10m
+CRASH_ROUNDS ?= 50
+# go test's own deadline for the long runs of faults and soak.
+LONG_TIMEOUT ?= 3h
 BENCH ?= .
 
 # apt_ensure installs the Debian packages in $(1) that are not installed: with
@@ -60,7 +70,7 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-.PHONY: deps system-deps tools build run test proto proto-tools proto-check bench fuzz clean clean-var
+.PHONY: deps system-deps tools build run test proto proto-tools proto-check bench fuzz faults soak crash clean clean-var
 
 deps: system-deps tools
 
@@ -133,6 +143,23 @@ fuzz:
 			$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) "$$pkg"; \
 		done; \
 	done
+
+# The long form of TestHSMFaultsUnderLoad (server/hsmfault_test.go): rounds of
+# random retryable faults and fatal bursts under load until FAULT_DURATION.
+faults: system-deps
+	HSMD_FAULT_DURATION=$(FAULT_DURATION) $(GO) test -race -count=1 -v -timeout $(LONG_TIMEOUT) \
+		-run '^TestHSMFaultsUnderLoad$$' ./server
+
+# The long form of TestSoak (soak/): full load for DURATION, without the race
+# detector so that RSS and throughput are the real ones.
+soak: system-deps
+	HSMD_SOAK_DURATION=$(DURATION) $(GO) test -count=1 -v -timeout $(LONG_TIMEOUT) -run '^TestSoak$$' ./soak
+
+# The long form of TestCrashLoop (cmd/hsmd/crashloop_test.go); HSMD_CRASH_SEED=N
+# replays a run.
+crash: system-deps
+	HSMD_CRASH_ROUNDS=$(CRASH_ROUNDS) $(GO) test -race -count=1 -v -timeout $(LONG_TIMEOUT) \
+		-run '^TestCrashLoop$$' ./cmd/hsmd
 
 clean:
 	rm -rf bin .bin

@@ -27,6 +27,7 @@ type archive struct {
 	lastSize uint64
 	sigs     [][]byte // signatures of the note being signed, by signer
 	text     []byte
+	torn     error // set when a partial record could not be cut off
 }
 
 func openArchive(path string) (*archive, error) {
@@ -132,16 +133,36 @@ func (a *archive) appendLocked(n []byte) error {
 	if err != nil {
 		return err
 	}
-	rec := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(n)), uint32(len(n)))
-	rec = append(rec, n...)
-	if _, err := a.f.Write(rec); err != nil {
+	if a.torn != nil {
+		return a.torn
+	}
+	fi, err := a.f.Stat()
+	if err != nil {
 		return fmt.Errorf("audit: archive checkpoint: %w", err)
 	}
-	if err := a.f.Sync(); err != nil {
-		return fmt.Errorf("audit: archive checkpoint: %w", err)
+	rec := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(n)), uint32(len(n)))
+	rec = append(rec, n...)
+	_, err = a.f.Write(rec)
+	if err == nil {
+		err = a.f.Sync()
+	}
+	if err != nil {
+		return a.cut(fi.Size(), err)
 	}
 	a.lastSize = cp.Size
 	return nil
+}
+
+// cut removes what a failed append wrote past end (a full disk writes part
+// of a record), so that the next record follows the last whole one. If
+// that fails too, the archive takes no more records: the partial one
+// stays its tail, which openArchive repairs.
+func (a *archive) cut(end int64, err error) error {
+	if terr := a.f.Truncate(end); terr != nil {
+		a.torn = fmt.Errorf("audit: archive checkpoint: %w; cutting the partial record failed (%v): restart hsmd", err, terr)
+		return a.torn
+	}
+	return fmt.Errorf("audit: archive checkpoint: %w", err)
 }
 
 // ArchivedCheckpoint is one record of the checkpoint archive.

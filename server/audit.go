@@ -38,14 +38,19 @@ var keyAdmin = map[string]bool{
 }
 
 // errAuditUnavailable is how a request fails when its audit entry cannot
-// be recorded.
+// be recorded: UNAVAILABLE, or RESOURCE_EXHAUSTED naming the disk when the
+// disk is full.
 func errAuditUnavailable(ctx context.Context, log *slog.Logger, err error, after bool) error {
 	log.LogAttrs(ctx, slog.LevelError, "audit log refused an entry; failing the request",
 		slog.String("request_id", requestID(ctx)), slog.Any("error", err))
-	if after {
-		return status.Error(codes.Unavailable, "the audit log cannot record the outcome of this call (the change may have been made; check before retrying)")
+	code, why := codes.Unavailable, ""
+	if isDiskFull(err) {
+		code, why = codes.ResourceExhausted, ": "+msgDiskFull
 	}
-	return status.Error(codes.Unavailable, "the audit log cannot record this call; retry later")
+	if after {
+		return status.Error(code, "the audit log cannot record the outcome of this call"+why+" (the change may have been made; check before retrying)")
+	}
+	return status.Error(code, "the audit log cannot record this call"+why+"; retry later")
 }
 
 // auditBefore records a key-management call before it runs. It returns a

@@ -72,7 +72,13 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 		return status.Error(codes.Unavailable, "the HSM is unavailable; retry later")
 	case isAuditUnavailable(err):
 		log.LogAttrs(ctx, slog.LevelError, "audit log refused an entry", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
+		if isDiskFull(err) {
+			return status.Error(codes.ResourceExhausted, "the audit log cannot record this change: "+msgDiskFull+" (it was made; check before retrying)")
+		}
 		return status.Error(codes.Unavailable, "the audit log cannot record this change (it was made; check before retrying)")
+	case isDiskFull(err):
+		log.LogAttrs(ctx, slog.LevelError, "disk full", slog.String("request_id", requestID(ctx)), slog.Any("error", err))
+		return status.Error(codes.ResourceExhausted, msgDiskFull+"; free space, then retry")
 	case errors.Is(err, store.ErrClosed):
 		return status.Error(codes.Unavailable, "the server is shutting down")
 	case errors.Is(err, store.ErrUnavailable):
