@@ -42,10 +42,46 @@
 // # Batching
 //
 // [Client.Encrypt] and [Client.Decrypt] send one RPC per call, so a caller
-// with many items should pass them together. [Client.EncryptOne] and
-// [Client.DecryptOne] are the single-item entry points; today each sends
-// one RPC, and a later version coalesces concurrent single calls into
-// batches behind the same signatures.
+// with many items at hand should pass them together. [Client.EncryptOne]
+// and [Client.DecryptOne], the single-item calls, are coalesced
+// ("auto-batching"): concurrent calls of one method and tenant share a
+// batch RPC, so many goroutines that each seal one record get the
+// throughput of batches without writing batch code. It is natural
+// batching: a call is sent at once when no RPC of its method and tenant is
+// in flight, so a lone caller waits for nothing. Calls that arrive while
+// one is in flight queue, and the queue is sent as one RPC when the RPCs
+// in flight have returned, or, while fewer than
+// [AutoBatchOptions].MaxInFlight are in flight, as soon as it holds as
+// many calls as the last batch answered; in any case when it reaches
+// MaxItems or MaxBytes, or when it is MaxLinger old. [WithAutoBatch] sets
+// these limits or turns auto-batching off; it is on by default.
+//
+// A coalesced call keeps the contract of a call of its own:
+//   - Its result and its item's error are its own: one bad ciphertext
+//     fails only its caller. An item over a server limit (which fails a
+//     whole request with codes.InvalidArgument) is resent alone, so that
+//     only it fails.
+//   - An error of the whole RPC (codes.Unavailable, PermissionDenied,
+//     ResourceExhausted, DeadlineExceeded, NotFound for an unknown tenant)
+//     is the error of every call in it.
+//   - If its context ends first it returns at once, with an error that
+//     [errors.Is] matches to ctx.Err() and that status.Code maps to
+//     codes.Canceled or codes.DeadlineExceeded (so does every single-item
+//     call, auto-batched or not). The other calls of its batch carry on;
+//     the RPC is cancelled when all of them have left. No RPC reads the
+//     item's slices or context after the call returned (until then they
+//     must not be modified, as for any call).
+//   - The RPC's deadline is the latest of its callers' deadlines, or none
+//     if one of them has none: set deadlines.
+//
+// Coalesced calls share one RPC: one server request ID (x-request-id),
+// one audit entry, one authorization decision for the connection's
+// identity. The RPC carries none of its callers' context values. A call
+// whose context carries outgoing gRPC metadata
+// ([google.golang.org/grpc/metadata.NewOutgoingContext]) is therefore
+// never coalesced: it is sent alone, with its metadata, as is an item
+// larger than MaxBytes. Calls that take [CallOption]s ([WithApproval])
+// and the batch methods are never coalesced.
 package client
 
 import (
@@ -98,6 +134,8 @@ type options struct {
 	tls     *TLSOptions // set by WithTLS; used for TCP addresses
 	maxRecv int
 	maxSend int
+	// autoBatch configures the single-item calls (WithAutoBatch).
+	autoBatch AutoBatchOptions
 }
 
 // WithTransportCredentials sets the transport security of the connection
@@ -135,6 +173,9 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	}
 	if o.maxRecv <= 0 || o.maxSend <= 0 {
 		return nil, errors.New("hsmd client: message size limits must be positive")
+	}
+	if err := o.autoBatch.validate(); err != nil {
+		return nil, err
 	}
 	a, err := parseAddr(addr)
 	if err != nil {
@@ -175,14 +216,23 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 		tenants: hsmdv1.NewTenantsClient(conn),
 		keys:    hsmdv1.NewKeysClient(conn),
 	}
-	c.one = direct{c}
+	c.one = o.autoBatch.singleSender(c, min(o.maxSend, o.maxRecv))
 	return c, nil
 }
 
-// Close releases the connection. Calls in flight and later calls fail with
-// codes.Canceled. Close is safe to call more than once; later calls return
-// the first call's result.
+// Close releases the connection. It first drains the auto-batched calls
+// (see "Batching" in the package documentation): it sends those still
+// queued at once and waits until every [Client.EncryptOne] and
+// [Client.DecryptOne] call begun before it has its answer or has returned
+// on its context. Then the other calls in flight, and every later call,
+// fail with codes.Canceled. Close is safe to call more than once; later
+// calls return the first call's result.
 func (c *Client) Close() error {
-	c.closeOnce.Do(func() { c.closeErr = c.conn.Close() })
+	c.closeOnce.Do(func() {
+		if d, ok := c.one.(drainer); ok {
+			d.drain()
+		}
+		c.closeErr = c.conn.Close()
+	})
 	return c.closeErr
 }

@@ -163,8 +163,9 @@ func (c *Client) Decrypt(ctx context.Context, tenant string, items []CiphertextI
 }
 
 // EncryptOne seals one item and returns its binary ciphertext. Errors are
-// as for [Client.Encrypt]. Concurrent single calls may be batched together
-// by a later version of this package; the contract stays the same.
+// as for [Client.Encrypt]; if ctx ends first, see "Batching" in the
+// package documentation. Concurrent calls are coalesced into batch RPCs
+// unless auto-batching is off ([WithAutoBatch]).
 func (c *Client) EncryptOne(ctx context.Context, tenant string, item Item) ([]byte, error) {
 	return c.one.encryptOne(ctx, tenant, item)
 }
@@ -172,6 +173,7 @@ func (c *Client) EncryptOne(ctx context.Context, tenant string, item Item) ([]by
 // DecryptOne opens one item and returns its plaintext. The error is the
 // call's error or the item's ([Result.Err]): check it with
 // errors.Is(err, ErrDecrypt), errors.Is(err, ErrMalformed) and so on.
+// Concurrent calls are coalesced as for [Client.EncryptOne].
 func (c *Client) DecryptOne(ctx context.Context, tenant string, item CiphertextItem) ([]byte, error) {
 	return c.one.decryptOne(ctx, tenant, item)
 }
