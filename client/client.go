@@ -10,6 +10,9 @@
 //	unix:var/hsmd.sock           a unix socket, path relative to the working directory
 //	unix://./var/hsmd.sock       the same (a leading "./" or "../" after "unix://")
 //	127.0.0.1:7443               TCP, host:port
+//	hsmd-a:7443,hsmd-b:7443      TCP, replicas of one cluster: one is used at a time,
+//	                             the next when it fails (Envelope calls that fail with
+//	                             codes.Unavailable are retried on it, up to 3 times)
 //
 // hsmd serves TLS 1.3 on TCP: dial it with [WithTLS], which prefers the
 // hybrid post-quantum key exchanges (see [TLSOptions]). TCP without
@@ -88,13 +91,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"sync"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // DefaultMaxMsgSize is the default limit, in bytes, on a message the client
@@ -177,35 +178,11 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	if err := o.autoBatch.validate(); err != nil {
 		return nil, err
 	}
-	a, err := parseAddr(addr)
+	target, dopts, err := dialTarget(addr, &o)
 	if err != nil {
 		return nil, err
 	}
-	creds := o.creds
-	if o.tls != nil && a.network == "tcp" {
-		creds = o.tls.credentials(a.address)
-	}
-	if creds == nil {
-		if a.network == "tcp" && !a.loopback {
-			return nil, fmt.Errorf("hsmd client: refusing plaintext TCP to non-loopback address %q: use WithTLS or WithTransportCredentials", addr)
-		}
-		creds = insecure.NewCredentials()
-	}
-	dopts := []grpc.DialOption{
-		grpc.WithTransportCredentials(creds),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(o.maxRecv), grpc.MaxCallSendMsgSize(o.maxSend)),
-	}
-	target := "dns:///" + a.address
-	if a.network == "unix" {
-		path := a.address
-		// Dial the path ourselves: gRPC's unix resolver mangles paths that
-		// are not valid URL paths, and rejects "unix://./rel".
-		target = "passthrough:///localhost"
-		dopts = append(dopts, grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		}))
-	}
+	dopts = append(dopts, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(o.maxRecv), grpc.MaxCallSendMsgSize(o.maxSend)))
 	conn, err := grpc.NewClient(target, dopts...)
 	if err != nil {
 		return nil, fmt.Errorf("hsmd client: %w", err)

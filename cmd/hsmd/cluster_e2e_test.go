@@ -311,12 +311,53 @@ func TestCluster(t *testing.T) {
 	}
 	load("quorum back")
 
+	// A replica killed: a Go client given every replica's address fails
+	// over to another, without a failed call.
+	fc, err := client.Dial(ctx, r1.tcp+","+r2.tcp+","+r3.tcp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	stopLoad := make(chan struct{})
+	var okCalls, failedCalls atomic.Int64
+	loadDone := make(chan struct{})
+	go func() {
+		defer close(loadDone)
+		for {
+			select {
+			case <-stopLoad:
+				return
+			default:
+			}
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := fc.EncryptOne(cctx, "shared", client.Item{Plaintext: []byte("failover")})
+			cancel()
+			if err != nil {
+				failedCalls.Add(1)
+				t.Errorf("a call through the failover client failed: %v", err)
+			} else {
+				okCalls.Add(1)
+			}
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	before := okCalls.Load()
+	r1.kill()
+	r1.c = nil
+	time.Sleep(time.Second)
+	close(stopLoad)
+	<-loadDone
+	t.Logf("replica r1 killed under load: the failover client made %d calls before and %d after, %d failed", before, okCalls.Load()-before, failedCalls.Load())
+	if okCalls.Load() == before {
+		t.Error("no call succeeded after r1 was killed")
+	}
+
 	// The leader killed: another replica runs the scheduler within the TTL.
 	cli := e.Client(t)
-	leader := waitLeaderName(t, cli, "")
+	leader := waitLeaderName(t, cli, "r1") // r1 is dead: wait past its lease if it led
 	var dead *testReplica
 	for _, r := range rs {
-		if r.name == leader {
+		if r.name == leader && r.c != nil {
 			dead = r
 		}
 	}
@@ -329,12 +370,12 @@ func TestCluster(t *testing.T) {
 	}
 	dead.c = nil
 
-	// The survivors are the members (each registers again after the
-	// leases lost with the quorum expire), with their client addresses.
+	// The survivor is the member (it registers again after the leases
+	// lost with the quorum expire), with its client address.
 	deadline = time.Now().Add(30 * time.Second)
 	for {
 		st, err := cluster.ReadStatus(ctx, cli, clusterPrefix)
-		if err == nil && len(st.Members) == 2 && st.Members[0].Addr != "" && !strings.HasSuffix(st.Members[0].Addr, ":0") {
+		if err == nil && len(st.Members) == 1 && st.Members[0].Addr != "" && !strings.HasSuffix(st.Members[0].Addr, ":0") {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -344,12 +385,12 @@ func TestCluster(t *testing.T) {
 	}
 	var live *testReplica
 	for _, r := range rs {
-		if r != dead {
+		if r.c != nil {
 			live = r
 		}
 	}
 	out := mustCLI(t, live.dir, "", "cluster", "status", "--config", live.conf)
-	if !strings.Contains(out, "leader:                "+next) || strings.Contains(out, " NO ") || strings.Count(out, "hsmd/r") < 3 || !strings.Contains(out, "not a member now: "+dead.name) {
+	if !strings.Contains(out, "leader:                "+next) || strings.Contains(out, " NO ") || strings.Count(out, "hsmd/r") < 3 || !strings.Contains(out, "not a member now: "+dead.name) || !strings.Contains(out, "not a member now: r1") {
 		t.Errorf("cluster status:\n%s", out)
 	}
 	t.Logf("hsmd cluster status:\n%s", out)
