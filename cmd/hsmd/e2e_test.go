@@ -42,7 +42,11 @@ func hsmdBinary(t testing.TB) string {
 			return
 		}
 		built.path = filepath.Join(dir, "hsmd")
-		out, err := exec.Command("go", "build", "-race", "-o", built.path, ".").CombinedOutput()
+		args := []string{"build", "-o", built.path, "."}
+		if raceEnabled {
+			args = append(args[:1], append([]string{"-race"}, args[1:]...)...)
+		}
+		out, err := exec.Command("go", args...).CombinedOutput()
 		if err != nil {
 			built.err = &buildError{out: string(out), err: err}
 		}
