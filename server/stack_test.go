@@ -26,6 +26,7 @@ import (
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/signing"
 	"github.com/hsmd/hsmd/softhsm"
+	"github.com/hsmd/hsmd/store"
 	"github.com/hsmd/hsmd/store/bolt"
 )
 
@@ -129,10 +130,11 @@ func (s *stack) start(o stackOpts) {
 	if err := h.LoadKeys(ctx); err != nil {
 		t.Fatal(err)
 	}
-	st, err := bolt.Open(filepath.Join(s.dir, "hsmd.db"), bolt.Options{})
+	bst, err := bolt.Open(filepath.Join(s.dir, "hsmd.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	st := store.NewCached(bst) // as the daemon does
 	reg := prometheus.NewRegistry()
 	var eng *envelope.Engine
 	m := server.NewMetrics(reg, func() envelope.Stats { return eng.Stats() })

@@ -85,7 +85,7 @@ func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devS
 		return nil, err
 	}
 	p.closers = append(p.closers, p.store.Close)
-	p.meta = p.store
+	p.meta = store.NewCached(p.store) // only this process writes it: cache decoded tenants
 	if e := c.Store.Etcd; e != nil {
 		if p.replica, err = openReplica(ctx, e, c.Listen.TCP, log); err != nil {
 			return nil, err

@@ -218,3 +218,7 @@ func mustGet(t *testing.T, s store.Store, name string) *store.Tenant {
 	}
 	return got
 }
+
+// NewTenant returns a valid tenant named name with a random ID and salts
+// and two key versions, for backend-specific tests.
+func NewTenant(t *testing.T, name string) *store.Tenant { return newTenant(t, name) }
