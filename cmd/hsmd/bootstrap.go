@@ -33,7 +33,7 @@ type parts struct {
 	// meta is the metadata store the services use: store, or with
 	// store.etcd the replica's cache of the cluster's.
 	meta     store.Store
-	replica  *replica // nil without store.etcd
+	replica  *replica            // nil without store.etcd
 	counter  *localstate.Counter // nil with --insecure-no-tpm
 	audit    *audit.Log
 	auditCtx *audit.ContextHasher

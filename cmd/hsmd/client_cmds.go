@@ -37,8 +37,8 @@ const (
 
 func init() {
 	register("tenants", command{summary: "create, list or show tenants", run: runTenants})
-	register("encrypt", command{summary: "encrypt stdin to stdout under a tenant's key", run: runEncrypt})
-	register("decrypt", command{summary: "decrypt stdin (binary or text form) to stdout", run: runDecrypt})
+	register("encrypt", command{summary: "encrypt stdin to stdout, or a file of any size (--file), under a tenant's key", run: runEncrypt})
+	register("decrypt", command{summary: "decrypt stdin (binary or text form) to stdout, or a file (--file)", run: runDecrypt})
 }
 
 // connFlags are the flags every client command takes.
@@ -173,11 +173,14 @@ func readStdinCapped(r io.Reader) ([]byte, error) {
 }
 
 func runEncrypt(ctx context.Context, env *cliEnv, args []string) error {
-	fs, cf := newClientFlagSet(env, "encrypt", "hsmd encrypt --tenant T [--context k=v ...] [--text] < plaintext > ciphertext")
+	fs, cf := newClientFlagSet(env, "encrypt", "hsmd encrypt --tenant T [--context k=v ...] [--text] < plaintext > ciphertext\n"+
+		"       hsmd encrypt --tenant T [--context k=v ...] --file IN [--out OUT]")
 	tenant := fs.String("tenant", "", "tenant `name` (required)")
 	aad := contextFlag{}
 	fs.Var(aad, "context", "`k=v` bound to the ciphertext; decryption needs the same set (repeatable)")
 	text := fs.Bool("text", false, "write the text form (hsmd:v1:…) and a newline instead of binary")
+	var ff fileFlags
+	ff.register(fs, "encrypt")
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
@@ -187,6 +190,9 @@ func runEncrypt(ctx context.Context, env *cliEnv, args []string) error {
 	}
 	if *tenant == "" {
 		return &usageError{msg: "encrypt: --tenant is required"}
+	}
+	if ff.set() {
+		return ff.encryptFile(ctx, env, cf, *tenant, aad, *text)
 	}
 	c, err := cf.dial(ctx)
 	if err != nil {
@@ -213,16 +219,22 @@ func runEncrypt(ctx context.Context, env *cliEnv, args []string) error {
 }
 
 func runDecrypt(ctx context.Context, env *cliEnv, args []string) error {
-	fs, cf := newClientFlagSet(env, "decrypt", "hsmd decrypt [--tenant T] [--context k=v ...] < ciphertext > plaintext")
+	fs, cf := newClientFlagSet(env, "decrypt", "hsmd decrypt [--tenant T] [--context k=v ...] < ciphertext > plaintext\n"+
+		"       hsmd decrypt [--tenant T] [--context k=v ...] --file IN [--out OUT]")
 	tenant := fs.String("tenant", "", "expected tenant `name`; a ciphertext of another tenant fails")
 	aad := contextFlag{}
 	fs.Var(aad, "context", "`k=v` the ciphertext was bound to (repeatable)")
+	var ff fileFlags
+	ff.register(fs, "decrypt")
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
 		return &usageError{msg: "decrypt reads stdin and takes no arguments"}
+	}
+	if ff.set() {
+		return ff.decryptFile(ctx, env, cf, *tenant, aad)
 	}
 	c, err := cf.dial(ctx)
 	if err != nil {

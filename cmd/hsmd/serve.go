@@ -160,7 +160,7 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
 	ec := c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))
 	ec.OnSealKey = func(ref envelope.KeyRef) { d.srv.RecordDEK(ref) } // usage limits
-	xwing := &server.XWingKeys{Store: pt.meta, Wrap: pt.hsm}         // suite 0x02 (offline HPKE producers)
+	xwing := &server.XWingKeys{Store: pt.meta, Wrap: pt.hsm}          // suite 0x02 (offline HPKE producers)
 	ec.XWing = xwing
 	if eng, err = envelope.New(ec); err != nil {
 		d.close()
