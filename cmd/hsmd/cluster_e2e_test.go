@@ -298,17 +298,26 @@ func TestCluster(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Every replica resumes by itself (each when its cache confirms
+	// again), and stays up: five good rounds in a row on all of them.
+	back := time.Now()
+	var firstGood time.Time
 	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, err := r3.c.EncryptOne(ctx, "shared", client.Item{Plaintext: []byte("x")})
-		if err == nil {
-			break
+	for good := 0; good < 5; {
+		if good++; good == 1 {
+			firstGood = time.Now()
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no recovery after quorum returned: %v", err)
+		for _, r := range rs {
+			if _, err := r.c.EncryptOne(ctx, "shared", client.Item{Plaintext: []byte("x")}); err != nil {
+				good = 0
+				if time.Now().After(deadline) {
+					t.Fatalf("%s has not recovered 30s after quorum returned: %v", r.name, err)
+				}
+			}
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond)
 	}
+	t.Logf("all replicas serve again %v after quorum returned", firstGood.Sub(back))
 	load("quorum back")
 
 	// A replica killed: a Go client given every replica's address fails
@@ -334,7 +343,7 @@ func TestCluster(t *testing.T) {
 			cancel()
 			if err != nil {
 				failedCalls.Add(1)
-				t.Errorf("a call through the failover client failed: %v", err)
+				t.Logf("a call through the failover client failed: %v", err)
 			} else {
 				okCalls.Add(1)
 			}
@@ -350,6 +359,11 @@ func TestCluster(t *testing.T) {
 	t.Logf("replica r1 killed under load: the failover client made %d calls before and %d after, %d failed", before, okCalls.Load()-before, failedCalls.Load())
 	if okCalls.Load() == before {
 		t.Error("no call succeeded after r1 was killed")
+	}
+	// The one call in flight on r1 when it died may fail (gRPC retries it
+	// only if no response had begun); no other may.
+	if failedCalls.Load() > 1 {
+		t.Errorf("%d calls failed through the failover client, want at most the one in flight", failedCalls.Load())
 	}
 
 	// The leader killed: another replica runs the scheduler within the TTL.
