@@ -68,8 +68,15 @@ type Config struct {
 	Name string
 	// Addr is published for operators (hsmd cluster status).
 	Addr string
-	// TTL is the member lease TTL in seconds; zero means DefaultTTL.
+	// TTL is the member lease TTL in seconds; zero means DefaultTTL. A
+	// member that stops renewing it still counts for WaitApplied until it
+	// expires, so it must be longer than the time the replica may serve
+	// from its cache without etcd (store.etcd.max_staleness): a replica
+	// dropped from the members has stopped serving.
 	TTL int
+	// LeaderTTL is the lease TTL of a leadership term in seconds: the
+	// bound on failover. Zero means DefaultTTL.
+	LeaderTTL int
 	// Logger receives membership and leadership changes; nil discards.
 	Logger *slog.Logger
 }
@@ -105,6 +112,9 @@ func Join(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	if cfg.TTL == 0 {
 		cfg.TTL = DefaultTTL
+	}
+	if cfg.LeaderTTL == 0 {
+		cfg.LeaderTTL = DefaultTTL
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -261,7 +271,8 @@ func (n *Node) Applied(rev int64) {
 }
 
 // Close leaves the cluster: it stops renewing and revokes the lease (the
-// member record goes, and leadership passes on at once). Safe to call
+// member record goes at once; leadership is Lead's, ended by its context).
+// Safe to call
 // twice.
 func (n *Node) Close() error {
 	n.cancel()
@@ -376,12 +387,12 @@ func (n *Node) Lead(ctx context.Context, job func(context.Context), onChange fun
 func (n *Node) leadOnce(ctx context.Context, job func(context.Context), onChange func(bool)) error {
 	// A session of its own: losing it ends this term, not the membership.
 	gctx, gcancel := context.WithTimeout(ctx, 5*time.Second)
-	lease, err := n.cfg.Client.Grant(gctx, int64(n.cfg.TTL))
+	lease, err := n.cfg.Client.Grant(gctx, int64(n.cfg.LeaderTTL))
 	gcancel()
 	if err != nil {
 		return err
 	}
-	s, err := concurrency.NewSession(n.cfg.Client, concurrency.WithLease(lease.ID), concurrency.WithTTL(n.cfg.TTL), concurrency.WithContext(ctx))
+	s, err := concurrency.NewSession(n.cfg.Client, concurrency.WithLease(lease.ID), concurrency.WithTTL(n.cfg.LeaderTTL), concurrency.WithContext(ctx))
 	if err != nil {
 		return err
 	}

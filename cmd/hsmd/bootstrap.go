@@ -91,7 +91,7 @@ func bootstrap(ctx context.Context, c *Config, insecure, initKeys bool, dev devS
 			return nil, err
 		}
 		p.closers = append(p.closers, func() error { p.replica.close(); return nil })
-		p.meta = p.replica.cache
+		p.meta = confirmedStore{p.replica.cache, p.replica}
 	}
 	if err := p.openAudit(ctx); err != nil {
 		return nil, err

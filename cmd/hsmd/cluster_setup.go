@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -128,8 +129,8 @@ type replica struct {
 	node  *cluster.Node
 	cache *etcd.Cache
 	// forget, set once the engine exists, drops the cached data keys of
-	// versions another replica changed.
-	forget func(old, new *store.Tenant)
+	// versions another replica changed (the cache may call it before).
+	forget atomic.Pointer[func(old, new *store.Tenant)]
 	leader prometheus.Gauge
 }
 
@@ -152,14 +153,19 @@ func openReplica(ctx context.Context, e *EtcdConfig, addr string, log *slog.Logg
 	if e.Advertise != "" {
 		addr = e.Advertise
 	}
-	if r.node, err = cluster.Join(ctx, cluster.Config{Client: r.st.Client(), Prefix: e.Prefix, Name: e.Replica, Addr: addr, TTL: e.LeaseTTL, Logger: log}); err != nil {
+	// The membership lease outlives the time this replica may serve
+	// without etcd, so a replica dropped from the members (and so no longer
+	// waited for by key changes) has stopped serving stale keys.
+	memberTTL := int((e.MaxStaleness+time.Second-1)/time.Second) + 2
+	if r.node, err = cluster.Join(ctx, cluster.Config{Client: r.st.Client(), Prefix: e.Prefix, Name: e.Replica, Addr: addr,
+		TTL: memberTTL, LeaderTTL: e.LeaseTTL, Logger: log}); err != nil {
 		return nil, withHint(err, "give each replica its own store.etcd.replica name")
 	}
 	r.cache, err = etcd.NewCache(ctx, r.st, etcd.CacheConfig{
 		MaxStaleness: e.MaxStaleness, Applied: r.node.Applied, Logger: log,
 		Changed: func(old, new *store.Tenant) {
-			if r.forget != nil {
-				r.forget(old, new)
+			if f := r.forget.Load(); f != nil {
+				(*f)(old, new)
 			}
 		},
 	})
@@ -169,6 +175,21 @@ func openReplica(ctx context.Context, e *EtcdConfig, addr string, log *slog.Logg
 	log.Info("joined the cluster", slog.String("replica", e.Replica), slog.String("etcd", strings.Join(e.Endpoints, ",")),
 		slog.Int64("revision", r.cache.Applied()))
 	return r, nil
+}
+
+// confirmedStore is the replica's cache, whose CreateTenant returns once
+// every replica has the new tenant (the other key changes are confirmed
+// through the rotation manager's OnChange).
+type confirmedStore struct {
+	*etcd.Cache
+	r *replica
+}
+
+func (s confirmedStore) CreateTenant(ctx context.Context, t *store.Tenant) error {
+	if err := s.Cache.CreateTenant(ctx, t); err != nil {
+		return err
+	}
+	return s.r.confirm(ctx)
 }
 
 // confirm waits until every replica has applied this replica's latest
@@ -183,7 +204,10 @@ func (r *replica) confirm(ctx context.Context) error {
 		return status.Errorf(codes.DeadlineExceeded, "the change is committed, but replicas %s have not confirmed it within %s (each stops serving stale keys within store.etcd.max_staleness, %s, at most)",
 			strings.Join(ue.Members, ", "), r.cfg.ConfirmTimeout, r.cfg.MaxStaleness)
 	}
-	return err
+	if err != nil {
+		return status.Errorf(codes.DeadlineExceeded, "the change is committed, but whether every replica applied it could not be read (each stops serving stale keys within store.etcd.max_staleness, %s, at most)", r.cfg.MaxStaleness)
+	}
+	return nil
 }
 
 func (r *replica) close() {

@@ -154,7 +154,9 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 	d := &daemon{parts: pt, reg: prometheus.NewRegistry()}
 	var eng *envelope.Engine
 	if pt.replica != nil {
-		pt.replica.forget = func(old, new *store.Tenant) { forgetChanged(eng, old, new) }
+		forget := func(old, new *store.Tenant) { forgetChanged(eng, old, new) }
+		defer pt.replica.forget.Store(&forget) // once eng is set
+
 		pt.replica.registerMetrics(d.reg)
 	}
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })

@@ -12,6 +12,7 @@ import (
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/hsmd/hsmd/store"
 )
@@ -220,7 +221,7 @@ func (c *Cache) advance(rev int64, sent time.Time) {
 // follow applies the watch from rev+1, confirming freshness on a ticker,
 // until the watch fails or ctx ends.
 func (c *Cache) follow(ctx context.Context, rev int64) error {
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	wctx, cancel := context.WithCancel(watchStream(ctx))
 	defer cancel()
 	wch := c.s.client.Watch(wctx, c.s.TenantsPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	confirm := make(chan error, 1)
@@ -249,6 +250,15 @@ func (c *Cache) follow(ctx context.Context, rev int64) error {
 			c.apply(rev, wr.Events)
 		}
 	}
+}
+
+// watchStream gives the cache's watch a gRPC stream of its own (etcd
+// answers a progress request only when every watcher of the stream is
+// current, so another watch on the stream, such as cluster.WaitApplied's,
+// would silence it), and makes etcd end it when its member loses the
+// leader. Progress requests must use a context from it.
+func watchStream(ctx context.Context) context.Context {
+	return clientv3.WithRequireLeader(metadata.AppendToOutgoingContext(ctx, "hsmd-watch", "metadata-cache"))
 }
 
 // apply applies one watch response's events, then advances to rev.
@@ -411,9 +421,18 @@ func (c *Cache) ListTenants(ctx context.Context, after string, limit int) ([]*st
 	return c.s.ListTenants(ctx, after, limit)
 }
 
-// CreateTenant writes to the store and waits until the cache has it.
+// CreateTenant writes to the store and waits until the cache has it. If
+// the name or ID is taken, it first catches up with the store, so that a
+// GetTenant that follows sees the tenant another replica created.
 func (c *Cache) CreateTenant(ctx context.Context, t *store.Tenant) error {
 	if err := c.s.CreateTenant(ctx, t); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			if rev, rerr := c.s.Revision(ctx); rerr == nil {
+				sctx, cancel := context.WithTimeout(watchStream(ctx), c.s.timeout)
+				c.catchUp(sctx, rev)
+				cancel()
+			}
+		}
 		return err
 	}
 	return c.waitWrite(ctx, int64(t.Revision))
