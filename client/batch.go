@@ -158,30 +158,33 @@ func (bt *batch) fill() {
 	b.mu.Unlock()
 	n := len(bt.sent)
 	if bt.q.key.op == opEncrypt {
-		if cap(bt.encItems) < n {
-			bt.encItems = make([]hsmdv1.EncryptItem, max(n, 2*cap(bt.encItems)))
-			bt.encPtrs = make([]*hsmdv1.EncryptItem, len(bt.encItems))
-			for i := range bt.encItems {
-				bt.encPtrs[i] = &bt.encItems[i]
-			}
-		}
+		bt.encItems, bt.encPtrs = growItems(bt.encItems, bt.encPtrs, n)
 		for i, w := range bt.sent {
 			bt.encItems[i].Plaintext, bt.encItems[i].Context = w.payload, w.context
 		}
 		bt.enc.Items = bt.encPtrs[:n]
 		return
 	}
-	if cap(bt.decItems) < n {
-		bt.decItems = make([]hsmdv1.DecryptItem, max(n, 2*cap(bt.decItems)))
-		bt.decPtrs = make([]*hsmdv1.DecryptItem, len(bt.decItems))
-		for i := range bt.decItems {
-			bt.decPtrs[i] = &bt.decItems[i]
-		}
-	}
+	bt.decItems, bt.decPtrs = growItems(bt.decItems, bt.decPtrs, n)
 	for i, w := range bt.sent {
 		bt.decItems[i].Ciphertext, bt.decItems[i].Context = w.payload, w.context
 	}
 	bt.dec.Items = bt.decPtrs[:n]
+}
+
+// growItems returns items (reused request items) and ptrs (pointers to
+// each, as the request holds them) with room for n, reallocated at twice
+// the size when they have less.
+func growItems[T any](items []T, ptrs []*T, n int) ([]T, []*T) {
+	if cap(items) >= n {
+		return items, ptrs
+	}
+	items = make([]T, max(n, 2*cap(items)))
+	ptrs = make([]*T, len(items))
+	for i := range items {
+		ptrs[i] = &items[i]
+	}
+	return items, ptrs
 }
 
 // unfill drops the request's references to the callers' items once

@@ -12,79 +12,23 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
 	"testing"
 	"testing/iotest"
-	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 
-	"github.com/hsmd/hsmd/envelope"
-	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/server"
-	"github.com/hsmd/hsmd/softhsm"
-	"github.com/hsmd/hsmd/store/bolt"
 )
 
 const streamVectorDir = "../testdata/vectors/stream"
 
-// startStreamServer starts hsmd in process on a fresh SoftHSM token, with
-// the tenants "alpha" and "beta", and returns a client of it.
+// startStreamServer starts hsmd in process (startReal: a fresh SoftHSM
+// token, tenants "alpha" and "beta") and returns a client of it.
 func startStreamServer(t testing.TB) *Client {
 	t.Helper()
-	ctx := context.Background()
-	tok := softhsm.NewTestToken(t)
-	h, err := hsm.Open(ctx, hsm.Config{Module: tok.Module, TokenLabel: tok.Label, PINFile: tok.PINFile, CallTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.InitKeys(ctx); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	st, err := bolt.Open(filepath.Join(dir, "hsmd.db"), bolt.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var eng *envelope.Engine
-	m := server.NewMetrics(prometheus.NewRegistry(), func() envelope.Stats { return eng.Stats() })
-	if eng, err = envelope.New(envelope.Config{Deriver: h}); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Ready: h.Ready})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer(srv.ServerOptions()...)
-	srv.Register(g)
-	sock := filepath.Join(dir, "hsmd.sock")
-	lis, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go g.Serve(lis) //nolint:errcheck // Serve returns when Stop is called.
-	c, err := Dial(ctx, "unix://"+sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c.Close()
-		g.Stop()
-		st.Close()
-		if err := h.Close(); err != nil {
-			t.Errorf("closing the HSM: %v", err)
-		}
-	})
-	for _, name := range []string{"alpha", "beta"} {
-		if _, err := c.CreateTenant(ctx, name); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return c
+	return startReal(t, server.Limits{}).dial(t)
 }
 
 // encryptStream encrypts pt for tenant alpha with opts, writing it in

@@ -37,26 +37,34 @@ func (f *fileFlags) check(cmd string, text bool) error {
 	return nil
 }
 
+// open dials hsmd and opens the input and the output of a file command;
+// done closes all three, discarding the output unless it was committed.
+func (f *fileFlags) open(ctx context.Context, env *cliEnv, cf *connFlags) (c *client.Client, src io.ReadCloser, out *output, done func(), err error) {
+	if c, err = cf.dial(ctx); err != nil {
+		return nil, nil, nil, nil, err
+	}
+	if src, err = openInput(env, f.in); err != nil {
+		c.Close()
+		return nil, nil, nil, nil, err
+	}
+	if out, err = createOutput(ctx, env, f.out); err != nil {
+		src.Close()
+		c.Close()
+		return nil, nil, nil, nil, err
+	}
+	return c, src, out, func() { out.abort(); src.Close(); c.Close() }, nil
+}
+
 // encryptFile is `hsmd encrypt --file IN [--out OUT]`.
 func (f *fileFlags) encryptFile(ctx context.Context, env *cliEnv, cf *connFlags, tenant string, aad contextFlag, text bool) error {
 	if err := f.check("encrypt", text); err != nil {
 		return err
 	}
-	c, err := cf.dial(ctx)
+	c, src, out, done, err := f.open(ctx, env, cf)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	src, err := openInput(env, f.in)
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	out, err := createOutput(ctx, env, f.out)
-	if err != nil {
-		return err
-	}
-	defer out.abort()
+	defer done()
 	rctx, cancel := cf.withTimeout(ctx)
 	w, err := c.NewEncryptWriter(rctx, tenant, out, client.StreamOptions{Context: aad})
 	cancel()
@@ -79,21 +87,11 @@ func (f *fileFlags) decryptFile(ctx context.Context, env *cliEnv, cf *connFlags,
 	if err := f.check("decrypt", false); err != nil {
 		return err
 	}
-	c, err := cf.dial(ctx)
+	c, src, out, done, err := f.open(ctx, env, cf)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	src, err := openInput(env, f.in)
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	out, err := createOutput(ctx, env, f.out)
-	if err != nil {
-		return err
-	}
-	defer out.abort()
+	defer done()
 	rctx, cancel := cf.withTimeout(ctx)
 	r, err := c.NewDecryptReader(rctx, tenant, src, client.StreamOptions{Context: aad})
 	cancel()
