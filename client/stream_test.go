@@ -18,7 +18,6 @@ import (
 	"testing"
 	"testing/iotest"
 
-
 	"github.com/hsmd/hsmd/server"
 )
 
