@@ -38,9 +38,12 @@ const MaxContexts = 16
 // caller-supplied contexts appear only as HMAC-SHA256 under the log's own
 // key (ContextHMAC), as Vault's audit devices do.
 type Entry struct {
-	// Seq is the entry's index in the log (its leaf index), and Time when
-	// it was made; both are set by the Log.
-	Seq  uint64    `json:"seq"`
+	// Seq is the entry's leaf index. It is not stored in the entry: the
+	// readers (Entries) set it from the entry's position. tessera's queue
+	// may flush one batch in two and integrate the halves in either order,
+	// so an entry cannot know its index when it is hashed.
+	Seq uint64 `json:"-"`
+	// Time is when the Log recorded the entry.
 	Time time.Time `json:"time"`
 	Kind string    `json:"kind"`
 	// RequestID links the entries of one call (and hsmd's own log lines).

@@ -10,9 +10,12 @@
 // The log is fail-closed: Append fails with ErrUnavailable when an entry
 // cannot be taken (the writer is failing, its queue stays full, or a
 // durable entry is not confirmed within Config.Timeout), and the caller
-// refuses the request. One writer goroutine sequences entries, so an
-// entry's Seq is its leaf index; durable appends return once the entry is
-// integrated into the tree on disk (fsync'd by tessera).
+// refuses the request. One writer goroutine hands entries to tessera in the
+// order they were appended, but tessera may integrate one batch in two
+// flushes in either order, so entries appended without waiting may land
+// out of order; durable appends return once the entry is integrated into
+// the tree on disk (fsync'd by tessera), so an entry appended after a
+// durable one always follows it.
 //
 // The package never imports the HSM or the TPM: it takes note.Signers, a
 // Wrapper for its two secrets (LoadKeys) and a MAC for its anchor (Bind,
@@ -116,9 +119,8 @@ type Log struct {
 	writeMu sync.Mutex
 	size    atomic.Uint64 // entries durably in the tree
 
-	errMu  sync.Mutex
-	err    error // the last write's error while failing, else nil
-	broken atomic.Bool
+	errMu sync.Mutex
+	err   error // the last write's error while failing, else nil
 }
 
 type pending struct {
@@ -218,9 +220,6 @@ func (l *Log) Err() error {
 	if l.closed.Load() {
 		return fmt.Errorf("%w: closed", ErrUnavailable)
 	}
-	if l.broken.Load() {
-		return fmt.Errorf("%w: entries landed at other indexes than their sequence numbers; restart hsmd", ErrUnavailable)
-	}
 	l.errMu.Lock()
 	defer l.errMu.Unlock()
 	if l.err != nil {
@@ -235,7 +234,7 @@ func (l *Log) setErr(err error) {
 	l.errMu.Unlock()
 }
 
-// Append records e (its Seq and Time are set here). It returns once the
+// Append records e (its Time is set here). It returns once the
 // entry is queued, or, if durable or Config.Sync, once it is durably in
 // the tree. It fails with ErrUnavailable, and the caller must refuse the
 // request the entry records, when the log is failing, its queue stays full
@@ -342,9 +341,7 @@ func (l *Log) run(ctx context.Context) {
 		clear(batch[len(rest):])
 		batch = rest
 		if err == nil {
-			if !l.broken.Load() {
-				l.setErr(nil)
-			}
+			l.setErr(nil)
 			backoff = 50 * time.Millisecond
 			continue
 		}
@@ -421,17 +418,15 @@ func (p *pending) notify(err error) {
 func (l *Log) write(ctx context.Context, batch []*pending) ([]bool, error) {
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
-	next := l.size.Load()
 	// Build every entry (marshalling and hashing) before handing them over
 	// in a tight loop, so that tessera's queue flushes them together.
 	entries := make([]*tessera.Entry, len(batch))
 	for i, p := range batch {
-		p.e.Seq = next + uint64(i)
 		b, err := p.e.marshal()
 		if err != nil {
 			// Cannot happen for entries hsmd makes (their fields are
 			// bounded); record that something was refused instead.
-			b, _ = (&Entry{Seq: p.e.Seq, Time: p.e.Time, Kind: p.e.Kind, RequestID: p.e.RequestID,
+			b, _ = (&Entry{Time: p.e.Time, Kind: p.e.Kind, RequestID: p.e.RequestID,
 				Method: p.e.Method, Code: p.e.Code, Detail: "entry too large; fields dropped"}).marshal()
 		}
 		entries[i] = tessera.NewEntry(b)
@@ -442,41 +437,28 @@ func (l *Log) write(ctx context.Context, batch []*pending) ([]bool, error) {
 	}
 	written := make([]bool, len(batch))
 	var ferr error
-	misplaced := false
+	size := l.size.Load()
 	for i, f := range futures {
 		idx, err := f()
-		switch {
-		case err != nil:
+		if err != nil {
 			if ferr == nil {
 				ferr = err
 			}
-		case idx.Index != next+uint64(i):
-			written[i] = true
-			misplaced = true
-		default:
-			written[i] = true
+			continue
 		}
+		written[i] = true
+		size = max(size, idx.Index+1)
 	}
-	if ferr == nil && !misplaced {
-		l.size.Store(next + uint64(len(batch)))
+	if ferr == nil {
+		l.size.Store(size)
 		return written, nil
 	}
 	n, err := l.reader.IntegratedSize(ctx)
 	if err != nil {
-		// The outcome is unknown: keep the last known size; the retry
-		// detects any surprise.
+		// The outcome is unknown: keep the last known size.
 		return written, fmt.Errorf("%v (and reading the tree size: %v)", ferr, err)
 	}
 	l.size.Store(n)
-	if misplaced {
-		// Part of the batch failed and a later part landed in its place
-		// (tessera flushed the batch in two), or another process writes
-		// this log: those entries' Seq do not match their index (Verify
-		// names them). Refuse new entries until a restart; the failed ones
-		// are still retried.
-		l.broken.Store(true)
-		return written, fmt.Errorf("%v; entries landed at other indexes than their sequence numbers (tree at %d, expected %d+): restart hsmd", ferr, n, next)
-	}
 	return written, ferr
 }
 

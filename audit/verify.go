@@ -70,8 +70,8 @@ func badCheckpoint(n int, format string, a ...any) error {
 //   - every archived checkpoint is signed as said above, has the log's
 //     origin, and does not shrink the tree; the published checkpoint is
 //     the newest archived one;
-//   - every entry up to the newest checkpoint parses, carries its own index
-//     as Seq, and hashes to the leaf the tree holds;
+//   - every entry up to the newest checkpoint parses and hashes to the
+//     leaf the tree holds;
 //   - the root recomputed from the entries equals each checkpoint's root
 //     at its size, and each checkpoint is consistent with the previous one
 //     (an RFC 6962 consistency proof built from the tiles);
@@ -158,12 +158,9 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 		}
 		for j, data := range eb.Entries[b.RangeInfo.First : b.RangeInfo.First+b.RangeInfo.N] {
 			i := first + uint64(j)
-			e, err := ParseEntry(data)
+			_, err := ParseEntry(data)
 			if err != nil {
 				return nil, badEntry(i, "%v", err)
-			}
-			if e.Seq != i {
-				return nil, badEntry(i, "carries sequence number %d", e.Seq)
 			}
 			h := rfc6962.DefaultHasher.HashLeaf(data)
 			if !bytes.Equal(h, leaves[j]) {
@@ -320,7 +317,8 @@ func treeSize(dir string) (uint64, error) {
 
 // Entries yields the log's entries from index from, up to (not including)
 // index to or the newest published checkpoint's size, whichever is
-// smaller. Signatures are not checked (see Verify).
+// smaller, each with its Seq set to its index. Signatures are not checked
+// (see Verify).
 func Entries(ctx context.Context, dir string, from, to uint64) iter.Seq2[*Entry, error] {
 	return func(yield func(*Entry, error) bool) {
 		d := dirReader{filepath.Join(dir, TreeDir)}
@@ -359,8 +357,11 @@ func Entries(ctx context.Context, dir string, from, to uint64) iter.Seq2[*Entry,
 					// from > 0.
 					return
 				}
-				from++
 				e, err := ParseEntry(data)
+				if err == nil {
+					e.Seq = from
+				}
+				from++
 				if !yield(e, err) || err != nil {
 					return
 				}
@@ -414,8 +415,8 @@ func Prove(ctx context.Context, dir string, index uint64, verifiers []note.Verif
 		return nil, fmt.Errorf("audit: entry %d missing from its bundle", index)
 	}
 	data := b.Entries[index%256]
-	if e, err := ParseEntry(data); err != nil || e.Seq != index {
-		return nil, fmt.Errorf("audit: entry %d is malformed or misnumbered (run hsmd audit verify)", index)
+	if _, err := ParseEntry(data); err != nil {
+		return nil, fmt.Errorf("audit: entry %d is malformed (run hsmd audit verify)", index)
 	}
 	pb, err := client.NewProofBuilder(ctx, cp.Size, d.ReadTile)
 	if err != nil {

@@ -306,6 +306,13 @@ func (o *auditTailOpts) window(size uint64) (from, to uint64) {
 	return o.from, size
 }
 
+// indexedEntry is an entry as the audit commands print it: the stored
+// JSON object with its leaf index first.
+type indexedEntry struct {
+	Index uint64 `json:"index"`
+	*audit.Entry
+}
+
 // printAuditEntries prints entries [from, to) as JSON lines and returns
 // the index after the last one printed. It stops at to itself: with
 // tessera v1.0.4, audit.Entries yields past to when from > 0
@@ -319,7 +326,7 @@ func printAuditEntries(ctx context.Context, w io.Writer, dir string, from, to ui
 		if err != nil {
 			return i, fmt.Errorf("audit: entry %d: %w", i, err)
 		}
-		b, err := json.Marshal(e)
+		b, err := json.Marshal(indexedEntry{e.Seq, e})
 		if err != nil {
 			return i, err
 		}
