@@ -156,6 +156,9 @@ type Stats struct {
 	// XWingHits, XWingMisses: groups of suite 0x02 items opened with a
 	// cached X-Wing private key / one fetched from Config.XWing.
 	XWingHits, XWingMisses uint64
+	// SealCached, OpenCached: entries in the two DEK caches now (each at
+	// most Config.CacheSize).
+	SealCached, OpenCached int
 }
 
 type stats struct {
@@ -171,6 +174,7 @@ func (e *Engine) Stats() Stats {
 		OpenHits: s.openHits.Load(), OpenMisses: s.openMisses.Load(),
 		Derivations: s.derivations.Load(), DeriveErrors: s.deriveErrors.Load(),
 		XWingHits: s.xwingHits.Load(), XWingMisses: s.xwingMisses.Load(),
+		SealCached: e.sealKeys.Len(), OpenCached: e.openKeys.Len(),
 	}
 }
 

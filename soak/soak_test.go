@@ -54,6 +54,7 @@ type sample struct {
 	goroutines, fds int
 	sessions        int
 	items           int64 // items encrypted and decrypted so far
+	rotations       int64 // key rotations so far
 	stats           envelope.Stats
 }
 
@@ -113,6 +114,7 @@ type load struct {
 	stop     chan struct{}
 	wg       sync.WaitGroup
 	items    atomic.Int64
+	rotated  atomic.Int64
 	failed   atomic.Int64
 	firstErr atomic.Value
 }
@@ -207,7 +209,9 @@ func (l *load) rotator() {
 		}
 		if _, err := l.s.keys.RotateKey(context.Background(), &hsmdv1.RotateKeyRequest{Tenant: l.tenants[i%len(l.tenants)]}); err != nil {
 			l.fail(err)
+			continue
 		}
+		l.rotated.Add(1)
 	}
 }
 
@@ -216,7 +220,7 @@ func (l *load) sample(at time.Duration) sample {
 	runtime.ReadMemStats(&ms)
 	return sample{
 		at: at, rss: rss(), heap: ms.HeapInuse, goroutines: runtime.NumGoroutine(), fds: openFDs(),
-		sessions: l.s.hsm.OpenSessions(), items: l.items.Load(), stats: l.s.eng.Stats(),
+		sessions: l.s.hsm.OpenSessions(), items: l.items.Load(), rotations: l.rotated.Load(), stats: l.s.eng.Stats(),
 	}
 }
 
@@ -260,7 +264,7 @@ func hitRate(hits, misses uint64) float64 {
 func report(t *testing.T, ss []sample, warm, every time.Duration) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "soak: %v at full load, a sample every %v, warm-up %v\n", ss[len(ss)-1].at.Round(time.Second), every, warm)
-	fmt.Fprintf(&b, "%8s %8s %8s %6s %5s %4s %10s %8s %7s %7s\n", "t", "RSS MiB", "heap MiB", "gorout", "sess", "fds", "items/s", "derives", "seal%", "open%")
+	fmt.Fprintf(&b, "%8s %8s %8s %6s %5s %4s %10s %8s %7s %7s %6s %6s\n", "t", "RSS MiB", "heap MiB", "gorout", "sess", "fds", "items/s", "derives", "seal%", "open%", "sealC", "openC")
 	step := max(1, len(ss)/40)
 	for i, s := range ss {
 		if i%step != 0 && i != len(ss)-1 {
@@ -271,8 +275,9 @@ func report(t *testing.T, ss []sample, warm, every time.Duration) {
 			rate = float64(s.items-ss[i-1].items) / (s.at - ss[i-1].at).Seconds()
 		}
 		st := s.stats
-		fmt.Fprintf(&b, "%8s %8.1f %8.1f %6d %5d %4d %10.0f %8d %7.1f %7.1f\n", s.at.Round(time.Second), mib(s.rss), mib(s.heap),
-			s.goroutines, s.sessions, s.fds, rate, st.Derivations, hitRate(st.SealHits, st.SealMisses), hitRate(st.OpenHits, st.OpenMisses))
+		fmt.Fprintf(&b, "%8s %8.1f %8.1f %6d %5d %4d %10.0f %8d %7.1f %7.1f %6d %6d\n", s.at.Round(time.Second), mib(s.rss), mib(s.heap),
+			s.goroutines, s.sessions, s.fds, rate, st.Derivations, hitRate(st.SealHits, st.SealMisses), hitRate(st.OpenHits, st.OpenMisses),
+			st.SealCached, st.OpenCached)
 	}
 	if base, ok := baseline(ss, warm); ok {
 		last := ss[len(ss)-1]
@@ -283,8 +288,9 @@ func report(t *testing.T, ss []sample, warm, every time.Duration) {
 			mib(peak.heap)-mib(base.heap), mib(last.heap)-mib(base.heap), mib(maxHeapGrowth),
 			peak.goroutines-base.goroutines, last.goroutines-base.goroutines, maxGoroutineGrowth,
 			peak.fds-base.fds, last.fds-base.fds, maxFDGrowth, peak.sessions, soakSessions)
-		fmt.Fprintf(&b, "items: %d (%.0f/s); HSM derivations: %d (%d errors); the DEK caches are LRUs of at most %d entries each (envelope.Stats has no size to sample)\n",
-			last.items, float64(last.items)/last.at.Seconds(), last.stats.Derivations, last.stats.DeriveErrors, envelope.DefaultCacheSize)
+		fmt.Fprintf(&b, "items: %d (%.0f/s); HSM derivations: %d (%d errors); rotations: %d; DEK caches (sealC, openC) end at %d and %d entries (bounds: tenants + rotations + 1 = %d, and %d each)\n",
+			last.items, float64(last.items)/last.at.Seconds(), last.stats.Derivations, last.stats.DeriveErrors, last.rotations,
+			last.stats.SealCached, last.stats.OpenCached, soakTenants+last.rotations+1, envelope.DefaultCacheSize)
 	}
 	t.Log(b.String())
 }
@@ -318,6 +324,14 @@ func checkBounds(t *testing.T, ss []sample, warm time.Duration) {
 	for _, s := range ss {
 		if s.sessions > soakSessions {
 			t.Errorf("at %v: %d PKCS#11 sessions open, the pool has %d", s.at, s.sessions, soakSessions)
+		}
+		// The sealing cache holds one entry per tenant version that was
+		// current (soakTenants, one more per rotation, plus the one the
+		// rotator may have made but not yet counted), never more than its
+		// size; the opening cache one per seed, never more than its.
+		st := s.stats
+		if st.SealCached > min(envelope.DefaultCacheSize, soakTenants+int(s.rotations)+1) || st.OpenCached > envelope.DefaultCacheSize {
+			t.Errorf("at %v: DEK caches hold %d (sealing) and %d (opening) entries after %d rotations of %d tenants", s.at, st.SealCached, st.OpenCached, s.rotations, soakTenants)
 		}
 	}
 	base, ok := baseline(ss, warm)
