@@ -93,9 +93,13 @@ import (
 	"fmt"
 	"sync"
 
-	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/experimental"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/internal/bufpool"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 )
 
 // DefaultMaxMsgSize is the default limit, in bytes, on a message the client
@@ -182,7 +186,9 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	dopts = append(dopts, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(o.maxRecv), grpc.MaxCallSendMsgSize(o.maxSend)))
+	dopts = append(dopts,
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(o.maxRecv), grpc.MaxCallSendMsgSize(o.maxSend), grpc.ForceCodecV2(grpccodec.Codec{})),
+		experimental.WithBufferPool(bufpool.Shared))
 	conn, err := grpc.NewClient(target, dopts...)
 	if err != nil {
 		return nil, fmt.Errorf("hsmd client: %w", err)

@@ -118,7 +118,8 @@ func itemErr(e *hsmdv1.ItemError) error {
 // It returns one binary ciphertext per item, in order, and the key version
 // used. The whole call succeeds or fails: errors are gRPC status errors from
 // the server (codes.NotFound for an unknown tenant) or "hsmd client: "
-// errors for a malformed response.
+// errors for a malformed response. The ciphertexts share one buffer (the
+// response's): keeping one keeps all; bytes.Clone one to keep it alone.
 func (c *Client) Encrypt(ctx context.Context, tenant string, items []Item) ([][]byte, uint32, error) {
 	req := &hsmdv1.EncryptRequest{Tenant: tenant, Items: make([]*hsmdv1.EncryptItem, len(items))}
 	for i, it := range items {
@@ -138,7 +139,8 @@ func (c *Client) Encrypt(ctx context.Context, tenant string, items []Item) ([][]
 // order: one bad item does not fail the others. tenant may be empty (each
 // ciphertext names its tenant); when set, items of other tenants fail with
 // ErrDecrypt. The returned error is non-nil only when the whole call
-// failed (a gRPC status error, or a malformed response).
+// failed (a gRPC status error, or a malformed response). The plaintexts
+// share one buffer, as Encrypt's ciphertexts do.
 func (c *Client) Decrypt(ctx context.Context, tenant string, items []CiphertextItem) ([]Result, error) {
 	req := &hsmdv1.DecryptRequest{Tenant: tenant, Items: make([]*hsmdv1.DecryptItem, len(items))}
 	for i, it := range items {

@@ -459,3 +459,46 @@ func TestSealRefusesZeroIDs(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenInPlace: OpenInPlace answers as Open does, item by item, with
+// each plaintext written over its own ciphertext, bad items included.
+func TestOpenInPlace(t *testing.T) {
+	e := newEngine(t, newPRF(), nil)
+	a := ref("tenant-a", 7)
+	ctx := context.Background()
+	c := map[string]string{"k": "v"}
+	items := []envelope.Item{{Plaintext: []byte("first")}, {Plaintext: randBytes(3000), Context: c}, {Plaintext: []byte{}}, {Plaintext: []byte("last")}}
+	cts, err := e.Seal(ctx, a, items)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := bytes.Clone(cts[3])
+	forged[len(forged)-1] ^= 1
+	text := []byte(wire.EncodeText(cts[0]))
+	in := []envelope.Ciphertext{{Data: cts[0]}, {Data: cts[1], Context: c}, {Data: cts[2]}, {Data: forged}, {Data: text}, {Data: []byte("garbage")}}
+	want := mustOpen(t, e, ctx, resolver("", a), in)
+	own := make([]envelope.Ciphertext, len(in))
+	for i := range in {
+		own[i] = envelope.Ciphertext{Data: bytes.Clone(in[i].Data), Context: in[i].Context}
+	}
+	got, err := e.OpenInPlace(ctx, resolver("", a), own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range want {
+		if fmt.Sprint(got[i].Err) != fmt.Sprint(want[i].Err) || !bytes.Equal(got[i].Plaintext, want[i].Plaintext) {
+			t.Fatalf("item %d: OpenInPlace = %q, %v; Open = %q, %v", i, got[i].Plaintext, got[i].Err, want[i].Plaintext, want[i].Err)
+		}
+	}
+	for _, i := range []int{0, 1} {
+		if &got[i].Plaintext[0] != &own[i].Data[wire.HeaderSize] {
+			t.Errorf("item %d: the plaintext is not written over the ciphertext", i)
+		}
+	}
+	if got[3].Err == nil || got[5].Err == nil || !bytes.Equal(got[4].Plaintext, []byte("first")) {
+		t.Fatalf("forged %v, garbage %v, text form %q", got[3].Err, got[5].Err, got[4].Plaintext)
+	}
+	if bytes.Equal(own[1].Data, cts[1]) {
+		t.Error("the input was not overwritten")
+	}
+}

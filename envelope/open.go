@@ -66,6 +66,18 @@ type group struct {
 // an error wrapping ErrDerive if the key could not be derived; the
 // Resolver's other errors; ctx's error if ctx is done before work starts.
 func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext) ([]Opened, error) {
+	return e.open(ctx, resolve, items, false)
+}
+
+// OpenInPlace is Open with each plaintext written over its own ciphertext
+// instead of into a new allocation: it overwrites the items' Data (those
+// that fail included), for callers that own them and need them no more,
+// such as a server answering the request they came in.
+func (e *Engine) OpenInPlace(ctx context.Context, resolve Resolver, items []Ciphertext) ([]Opened, error) {
+	return e.open(ctx, resolve, items, true)
+}
+
+func (e *Engine) open(ctx context.Context, resolve Resolver, items []Ciphertext, inPlace bool) ([]Opened, error) {
 	res := make([]Opened, len(items))
 	if err := ctx.Err(); err != nil {
 		for i := range res {
@@ -86,13 +98,23 @@ func (e *Engine) Open(ctx context.Context, resolve Resolver, items []Ciphertext)
 			weight += xwingWeight
 		}
 	}
-	slab := make([]byte, total)
+	var slab []byte
+	if !inPlace {
+		slab = make([]byte, total)
+	}
 	off := 0
 	for i := range ps {
 		if res[i].Err == nil {
 			if res[i].Err = groups[ps[i].group].err; res[i].Err == nil {
-				res[i].Plaintext = slab[off : off : off+ps[i].size]
-				off += ps[i].size
+				switch {
+				case !inPlace:
+					res[i].Plaintext = slab[off : off : off+ps[i].size]
+					off += ps[i].size
+				case ps[i].hdr.Suite == wire.SuiteAES256GCM:
+					// AES-GCM decrypts in place when the output starts
+					// where the input does: the body after the header.
+					res[i].Plaintext = ps[i].raw[wire.HeaderSize:wire.HeaderSize:wire.HeaderSize+ps[i].size]
+				}
 			}
 		}
 	}

@@ -49,6 +49,28 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 	if len(out) != len(items) || len(slab) < SealedSize(items) {
 		panic("envelope: SealTo: out or slab too short")
 	}
+	off := 0
+	for i := range items {
+		n := len(items[i].Plaintext) + wire.Overhead
+		out[i] = slab[off : off+n : off+n]
+		off += n
+	}
+	return e.SealInto(ctx, ref, items, out)
+}
+
+// SealInto is Seal into slices the caller placed: out[i] must be exactly
+// len(items[i].Plaintext)+Overhead bytes long (a gRPC server writes the
+// ciphertexts straight into its response's wire form this way). It panics
+// if out is not as long as items or an out[i] has the wrong length.
+func (e *Engine) SealInto(ctx context.Context, ref KeyRef, items []Item, out [][]byte) error {
+	if len(out) != len(items) {
+		panic("envelope: SealInto: out and items differ in length")
+	}
+	for i := range items {
+		if len(out[i]) != len(items[i].Plaintext)+wire.Overhead {
+			panic("envelope: SealInto: out[i] is not the item's sealed size")
+		}
+	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -69,12 +91,6 @@ func (e *Engine) SealTo(ctx context.Context, ref KeyRef, items []Item, slab []by
 	key, seed, err := e.sealingKey(ctx, &ref, uint64(len(items)), uint64(total))
 	if err != nil {
 		return err
-	}
-	off := 0
-	for i := range items {
-		n := len(items[i].Plaintext) + wire.Overhead
-		out[i] = slab[off : off+n : off+n]
-		off += n
 	}
 	nonces, err := e.nonceSource(len(items))
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 	"github.com/hsmd/hsmd/internal/testutil"
 )
 
@@ -232,6 +233,10 @@ func TestAuditFailClosed(t *testing.T) {
 		t.Fatalf("the refused rotation happened: %v %v", k, err)
 	}
 	s.stop()
+	// Every response sealed in advance was sent or released.
+	if n := grpccodec.Pending(); n != 0 {
+		t.Fatalf("%d prepared responses neither sent nor released", n)
+	}
 	if _, err := audit.Verify(ctx, s.auditDir(), parseVerifiers(t, s.vkeys)); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
 )
@@ -36,14 +37,16 @@ func (e *envelopeService) Encrypt(ctx context.Context, req *hsmdv1.EncryptReques
 		items[i] = envelope.Item{Plaintext: it.Plaintext, Context: it.Context}
 		in += len(it.Plaintext)
 	}
-	cts, err := s.cfg.Engine.Seal(ctx, ref, items)
-	if err != nil {
+	// The ciphertexts are sealed straight into the response's wire form.
+	resp := grpccodec.NewEncryptResponse(len(items), func(i int) int { return envelope.SealedSize(items[i : i+1]) }, ref.Version)
+	if err := s.cfg.Engine.SealInto(ctx, ref, items, resp.Ciphertexts); err != nil {
+		grpccodec.Release(resp)
 		return nil, err
 	}
 	m := s.cfg.Metrics
 	m.items.WithLabelValues("Encrypt", "ok").Add(float64(len(items)))
 	m.bytes.WithLabelValues("Encrypt", "in").Add(float64(in))
-	return &hsmdv1.EncryptResponse{Ciphertexts: cts, KeyVersion: ref.Version}, nil
+	return resp, nil
 }
 
 // Decrypt opens a batch, item by item.
@@ -57,7 +60,8 @@ func (e *envelopeService) Decrypt(ctx context.Context, req *hsmdv1.DecryptReques
 			return nil, err
 		}
 	}
-	opened, err := s.cfg.Engine.Open(ctx, s.resolver(req.Tenant), ciphertexts(req.Items))
+	// The request is this call's own copy: decrypt over it.
+	opened, err := s.cfg.Engine.OpenInPlace(ctx, s.resolver(req.Tenant), ciphertexts(req.Items))
 	if err != nil {
 		return nil, err
 	}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -27,6 +28,8 @@ import (
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/internal/bufpool"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 	"github.com/hsmd/hsmd/quorum"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/store"
@@ -140,6 +143,11 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		grpc.MaxRecvMsgSize(max),
 		// A response holds the request's items plus 58 bytes each.
 		grpc.MaxSendMsgSize(max + s.cfg.Limits.MaxBatchItems*64),
+		// Batches are read with their items aliasing one buffer, and
+		// messages written into buffers that are not cleared first
+		// (internal/grpccodec).
+		grpc.ForceServerCodecV2(grpccodec.Codec{}),
+		experimental.BufferPool(bufpool.Shared),
 	}
 }
 
@@ -248,8 +256,13 @@ func (s *Server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		err = toStatus(ctx, s.log, err)
 		if audited {
 			if aerr := s.auditAfter(ctx, method, caller, auditRequest(info, req), resp, status.Code(err)); aerr != nil {
-				resp, err = nil, aerr
+				err = aerr
 			}
+		}
+		if err != nil && resp != nil {
+			// Not sent: return a wire form made in advance to its pool.
+			grpccodec.Release(resp)
+			resp = nil
 		}
 	}
 	d := time.Since(start)

@@ -16,11 +16,14 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/audit"
 	"github.com/hsmd/hsmd/envelope"
 	"github.com/hsmd/hsmd/hsm"
+	"github.com/hsmd/hsmd/internal/bufpool"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 	"github.com/hsmd/hsmd/quorum"
 	"github.com/hsmd/hsmd/rotation"
 	"github.com/hsmd/hsmd/server"
@@ -193,7 +196,8 @@ func (s *stack) start(o stackOpts) {
 	go srv.WatchReady(wctx, 50*time.Millisecond)
 	dial := func(target string) *grpc.ClientConn {
 		c, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20),
+				grpc.ForceCodecV2(grpccodec.Codec{})), experimental.WithBufferPool(bufpool.Shared))
 		if err != nil {
 			t.Fatal(err)
 		}

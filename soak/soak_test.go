@@ -17,6 +17,7 @@ import (
 
 	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"github.com/hsmd/hsmd/envelope"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 )
 
 // envSoakDuration selects the long form (`make soak DURATION=10m`).
@@ -105,6 +106,9 @@ func TestSoak(t *testing.T) {
 		t.Errorf("%d calls failed under load (first: %v)", n, l.firstErr.Load())
 	}
 	checkBounds(t, samples, warm)
+	if n := grpccodec.Pending(); n != 0 {
+		t.Errorf("%d Encrypt responses sealed in advance were neither sent nor released", n)
+	}
 }
 
 // load is the work the soak runs.
