@@ -25,6 +25,7 @@ import (
 	"github.com/hsmd/hsmd/hsm"
 	"github.com/hsmd/hsmd/server"
 	"github.com/hsmd/hsmd/softhsm"
+	"github.com/hsmd/hsmd/store"
 	"github.com/hsmd/hsmd/store/bolt"
 )
 
@@ -88,7 +89,8 @@ func startReal(t testing.TB, limits server.Limits) *realServer {
 	if eng, err = envelope.New(envelope.Config{Deriver: h}); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(server.Config{Store: st, Engine: eng, Metrics: m, Limits: limits, Ready: h.Ready})
+	// As the daemon does: decoded tenants are cached.
+	srv, err := server.New(server.Config{Store: store.NewCached(st), Engine: eng, Metrics: m, Limits: limits, Ready: h.Ready})
 	if err != nil {
 		t.Fatal(err)
 	}

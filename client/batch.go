@@ -1,18 +1,20 @@
 package client
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"time"
 
-	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/encoding"
 	grpcproto "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+
+	hsmdv1 "github.com/hsmd/hsmd/api/hsmd/v1"
+	"github.com/hsmd/hsmd/internal/grpccodec"
 )
 
 // errNoAnswer is the error of an item a batch somehow failed to answer.
@@ -118,8 +120,10 @@ func (b *batcher) send(ctx context.Context, bt *batch, cands []*waiter, own bool
 		if len(cts) != len(bt.sent) {
 			return fmt.Errorf("hsmd client: server returned %d ciphertexts for %d items", len(cts), len(bt.sent))
 		}
+		// The ciphertexts share the response's buffer: each caller gets
+		// its own copy, so that keeping one keeps only it.
 		for i, w := range bt.sent {
-			w.out, w.err = cts[i], nil
+			w.out, w.err = bytes.Clone(cts[i]), nil
 		}
 		return nil
 	}
@@ -136,7 +140,7 @@ func (b *batcher) send(ctx context.Context, bt *batch, cands []*waiter, own bool
 		if e := rs[i].GetError(); e != nil {
 			w.out, w.err = nil, itemErr(e)
 		} else {
-			w.out, w.err = rs[i].GetPlaintext(), nil
+			w.out, w.err = bytes.Clone(rs[i].GetPlaintext()), nil
 		}
 	}
 	return nil
@@ -208,11 +212,11 @@ func (bt *batch) unfill() {
 	b.mu.Unlock()
 }
 
-// batchCodec is gRPC's protobuf codec, but it fills its batch's request
-// just before encoding it and empties it just after.
+// batchCodec is hsmd's codec (internal/grpccodec), but it fills its
+// batch's request just before encoding it and empties it just after.
 type batchCodec struct{ bt *batch }
 
-var protoCodec = encoding.GetCodecV2(grpcproto.Name)
+var protoCodec grpccodec.Codec
 
 func (c batchCodec) Name() string { return grpcproto.Name }
 

@@ -113,7 +113,7 @@ func (e *Engine) open(ctx context.Context, resolve Resolver, items []Ciphertext,
 				case ps[i].hdr.Suite == wire.SuiteAES256GCM:
 					// AES-GCM decrypts in place when the output starts
 					// where the input does: the body after the header.
-					res[i].Plaintext = ps[i].raw[wire.HeaderSize:wire.HeaderSize:wire.HeaderSize+ps[i].size]
+					res[i].Plaintext = ps[i].raw[wire.HeaderSize : wire.HeaderSize : wire.HeaderSize+ps[i].size]
 				}
 			}
 		}
