@@ -4,7 +4,7 @@ import "testing"
 
 func TestGetPut(t *testing.T) {
 	p := new(Pool)
-	for _, n := range []int{0, 1, 255, 256, 257, 4096, 1<<20 + 1, 1 << 22} {
+	for _, n := range []int{0, 1, 255, 256, 257, 4096, 1<<20 + 1, 1 << 22, 1 << 27} {
 		b := p.Get(n)
 		if len(*b) != n || cap(*b) < n {
 			t.Fatalf("Get(%d): len %d cap %d", n, len(*b), cap(*b))
@@ -15,8 +15,8 @@ func TestGetPut(t *testing.T) {
 		p.Put(b)
 	}
 	// Above the largest class: exact, and not kept.
-	big := p.Get(1<<22 + 1)
-	if cap(*big) != 1<<22+1 {
+	big := p.Get(1<<27 + 1)
+	if cap(*big) != 1<<27+1 {
 		t.Fatalf("big buffer capacity %d", cap(*big))
 	}
 	p.Put(big)
