@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -17,6 +18,15 @@ const (
 	MaxSessions = 256
 	// MaxPINSize bounds the PIN source; a longer PIN file is refused.
 	MaxPINSize = 256
+	// DefaultRecoveryHoldDown is how long the HSM waits after a
+	// recoverable fatal error before its first recovery attempt, and the
+	// first delay between attempts; MinRecoveryHoldDown bounds
+	// Config.RecoveryHoldDown from below.
+	DefaultRecoveryHoldDown = time.Second
+	MinRecoveryHoldDown     = time.Second
+	// DefaultRecoveryMaxBackoff caps the delay between recovery attempts,
+	// which doubles after each failed one.
+	DefaultRecoveryMaxBackoff = 30 * time.Second
 )
 
 // Config says which token to use and how. It holds where the PIN is, never
@@ -32,6 +42,22 @@ type Config struct {
 	PINSource   func() ([]byte, error) `yaml:"-" json:"-"`
 	Sessions    int                    `yaml:"sessions" json:"sessions"`         // session pool size; 0 = DefaultSessions
 	CallTimeout time.Duration          `yaml:"call_timeout" json:"call_timeout"` // deadline for one HSM operation and for waiting on the pool; 0 = DefaultCallTimeout
+	// RecoveryHoldDown is the wait after a recoverable fatal error before
+	// the first recovery attempt, and the first delay between attempts;
+	// 0 = DefaultRecoveryHoldDown, otherwise at least MinRecoveryHoldDown.
+	RecoveryHoldDown time.Duration `yaml:"recovery_hold_down" json:"recovery_hold_down"`
+	// RecoveryMaxBackoff caps the delay between recovery attempts, which
+	// doubles after each failure; 0 = DefaultRecoveryMaxBackoff, otherwise
+	// at least the hold-down.
+	RecoveryMaxBackoff time.Duration `yaml:"recovery_max_backoff" json:"recovery_max_backoff"`
+	// Logger receives the HSM's own events (the token going unusable,
+	// recovery attempts and their outcome), never a PIN; nil means
+	// slog.Default().
+	Logger *slog.Logger `yaml:"-" json:"-"`
+
+	// testHoldDown and testMaxBackoff, if set (by tests only), replace the
+	// recovery timings without their lower bounds.
+	testHoldDown, testMaxBackoff time.Duration
 }
 
 // Validate checks c and names the offending field in its error (for
@@ -62,6 +88,10 @@ func (c Config) Validate() error {
 		return bad("hsm.sessions must be between 1 and %d (0 = default %d)", MaxSessions, DefaultSessions)
 	case c.CallTimeout < 0:
 		return bad("hsm.call_timeout must not be negative")
+	case c.RecoveryHoldDown != 0 && c.RecoveryHoldDown < MinRecoveryHoldDown:
+		return bad("hsm.recovery_hold_down must be at least %s (0 = default %s)", MinRecoveryHoldDown, DefaultRecoveryHoldDown)
+	case c.RecoveryMaxBackoff < 0 || (c.RecoveryMaxBackoff != 0 && c.RecoveryMaxBackoff < max(c.RecoveryHoldDown, DefaultRecoveryHoldDown)):
+		return bad("hsm.recovery_max_backoff must be at least hsm.recovery_hold_down (0 = default %s)", DefaultRecoveryMaxBackoff)
 	}
 	return nil
 }
@@ -80,6 +110,18 @@ func (c Config) withDefaults() Config {
 	if c.CallTimeout == 0 {
 		c.CallTimeout = DefaultCallTimeout
 	}
+	if c.RecoveryHoldDown == 0 {
+		c.RecoveryHoldDown = DefaultRecoveryHoldDown
+	}
+	if c.RecoveryMaxBackoff == 0 {
+		c.RecoveryMaxBackoff = max(DefaultRecoveryMaxBackoff, c.RecoveryHoldDown)
+	}
+	if c.testHoldDown > 0 {
+		c.RecoveryHoldDown, c.RecoveryMaxBackoff = c.testHoldDown, max(c.testMaxBackoff, c.testHoldDown)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
 	return c
 }
 
@@ -95,8 +137,8 @@ func (c Config) String() string {
 	case c.PINFD > 0:
 		pin = fmt.Sprintf("fd:%d", c.PINFD)
 	}
-	return fmt.Sprintf("hsm.Config{module=%q token=%q pin=%s sessions=%d call_timeout=%s}",
-		c.Module, c.TokenLabel, pin, c.Sessions, c.CallTimeout)
+	return fmt.Sprintf("hsm.Config{module=%q token=%q pin=%s sessions=%d call_timeout=%s recovery_hold_down=%s recovery_max_backoff=%s}",
+		c.Module, c.TokenLabel, pin, c.Sessions, c.CallTimeout, c.RecoveryHoldDown, c.RecoveryMaxBackoff)
 }
 
 // GoString is String, so that %#v prints no more than %v.

@@ -46,23 +46,63 @@
 // device error or out of memory, function failed, operation active) is
 // retryable: the failing call returns the error (there is no internal retry,
 // so callers keep control of their deadline) and the pool replaces the
-// session. A token or PIN failure (token removed or not present, PIN
-// incorrect, locked or expired) is fatal, and so is an invalid key or object
-// handle (the token was re-initialised or restored, so the loaded handles
-// are stale): Ready fails and every later operation fails fast until the
-// HSM is closed and reopened. On CKR_USER_NOT_LOGGED_IN the HSM logs in
+// session. A token or PIN failure (token removed, not present or not
+// recognised, module not initialized, PIN incorrect, locked, of the wrong
+// length or expired) is fatal, and so is an invalid key or object handle
+// (the token was re-initialised or restored, so the loaded handles are
+// stale): Ready fails at once and every later operation fails fast, without
+// reaching the module, until the HSM recovers (see Recovery) or, for a
+// permanent cause, for good. On CKR_USER_NOT_LOGGED_IN the HSM logs in
 // again, re-reading the PIN file (the error is then retryable); however many
 // sessions see the loss, one login attempt is made for it. If that attempt
-// fails, or the PIN came from a descriptor, the error is fatal and no
-// further login is tried, so a wrong PIN cannot lock the token. Errors never
-// contain PINs or key bytes.
+// fails, the error is fatal (permanent if the PIN was refused), and no
+// further login is tried for it. Errors never contain PINs or key bytes.
+//
+// # Recovery
+//
+// Fatal errors are recoverable or permanent. Permanent: a PIN that is
+// incorrect, locked, invalid or of the wrong length, a login refused for
+// another reason, an unreadable PIN source, and any fatal error when the
+// PIN came from a descriptor (Config.PINFD), which cannot be read again:
+// retrying a login could burn PIN attempts or cannot succeed without an
+// operator, so the HSM never logs in again and must be closed and
+// reopened. Recoverable: everything else (token removed, not present or
+// not recognised, the module's state lost, the PIN expired, stale
+// handles).
+//
+// On a recoverable error one background goroutine takes every pooled
+// session (waiting for calls in flight to return theirs; new calls fail
+// fast meanwhile, and calls waiting for a session give up at once), closes
+// them, and after Config.RecoveryHoldDown (1s by default, at least 1s) from
+// the error makes an attempt, then more with a delay doubling from the
+// hold-down up to Config.RecoveryMaxBackoff (30s by default). An attempt
+// finds the token by its label and the serial number seen at Open (a
+// token with the label and another serial number is refused), initializes
+// the module again if it lost its state (never finalizing it: other HSMs
+// may use it), opens Config.Sessions sessions, reads the PIN again from its
+// file or source and logs in, and finds every loaded key again by its
+// label, checking it is the same key: a signing pair by its public key and
+// a signature verifying under the public key loaded, a secret key by an
+// answer recorded at load (the HMAC of a fixed message under a kdk, a
+// ciphertext sealed under a wrap key opening to its fixed plaintext).
+// Only when all of this succeeds are the new sessions and handles swapped
+// in and the fatal state cleared; otherwise the attempt closes what it
+// opened. A PIN failure during an attempt (at most one login per attempt;
+// none while the token reports its PIN locked, to be changed, or at its
+// final try) makes the error permanent. Handles never cross a recovery: an
+// operation that picked a key handle before it fails with a retryable
+// error instead of using it. Each outage, attempt and recovery is logged
+// on Config.Logger (the error, its class, the attempt number, the time
+// down; never a PIN); Recoveries returns the figures for metrics.
 //
 // # Readiness
 //
-// Ready checks the token state and computes a test HMAC with the kdk, at
-// most about once a second (results are reused) and with at most one probe
-// in flight, so that frequent probes against a hung module neither pile up
-// goroutines nor reach the module again.
+// Ready checks the token state (the same token, its user PIN neither
+// locked nor to be changed) and computes a test HMAC with the kdk. A
+// success is reused for about a second and a failure for 100 ms, and at
+// most one probe is in flight, so that frequent probes against a hung
+// module neither pile up goroutines nor reach the module again. While the
+// HSM is fatal Ready fails at once; after a recovery it probes afresh.
 //
 // # PINs
 //

@@ -19,8 +19,11 @@ const (
 	// ClassFatal errors mean the token is unusable (removed, PIN locked or
 	// expired, login lost, or the key handles loaded by LoadKeys gone
 	// because the token was re-initialised or restored under us): Ready
-	// fails from then on, every operation fails fast, and the HSM must be
-	// closed and reopened.
+	// fails at once and every operation fails fast. If the cause may pass
+	// (the token was removed, its PIN expired, its handles went stale) the
+	// HSM recovers by itself in the background (see the package doc,
+	// "Recovery"); otherwise (wrong or locked PIN, unreadable PIN source)
+	// it stays unusable until an operator acts and the HSM is reopened.
 	ClassFatal
 )
 
@@ -115,8 +118,8 @@ func (e *Error) Is(target error) bool {
 // if repeated later (pool busy, deadline hit, session lost and replaced).
 func IsRetryable(err error) bool { return errors.Is(err, ErrRetryable) }
 
-// IsFatal reports whether err means the token is unusable until the HSM is
-// reopened.
+// IsFatal reports whether err means the token is unusable: until the HSM
+// recovers by itself, or, for a PIN failure, until it is reopened.
 func IsFatal(err error) bool { return errors.Is(err, ErrFatal) }
 
 // classify maps a PKCS#11 return value to a Class. Session-level failures
@@ -135,7 +138,7 @@ func classify(rv pkcs11.Error) Class {
 		return ClassRetryable
 	case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_DEVICE_REMOVED,
 		pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_PIN_EXPIRED,
-		pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_INCORRECT,
+		pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LEN_RANGE,
 		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_USER_NOT_LOGGED_IN,
 		pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_OBJECT_HANDLE_INVALID:
 		return ClassFatal
@@ -170,4 +173,26 @@ func wrapErr(op string, err error) error {
 		return &Error{Op: op, Class: classify(rv), Err: err}
 	}
 	return err // this package's own errors are prefixed and permanent
+}
+
+// recoverable reports whether the fatal error err may pass without an
+// operator, so that the HSM may reopen its sessions, log in again and
+// reload its keys by itself: the token was removed or not recognised, the
+// module lost its state, the PIN expired (an operator changes it and the
+// PIN file), the loaded key handles went stale, or a login met a
+// session-level failure. A PIN that is wrong, locked, invalid or of the
+// wrong length, an unreadable PIN source, a login refused for another
+// reason, and anything unknown are permanent: retrying a login could burn
+// PIN attempts or cannot succeed without an operator.
+func recoverable(err error) bool {
+	var rv pkcs11.Error
+	if !errors.As(err, &rv) {
+		return false
+	}
+	switch uint(rv) {
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_LEN_RANGE,
+		pkcs11.CKR_PIN_INVALID:
+		return false
+	}
+	return classify(rv) != ClassPermanent
 }

@@ -35,25 +35,25 @@ func (h *HSM) WycheproofImportSecret(ctx context.Context, kind, label string, va
 
 // WycheproofDestroy destroys o.
 func (h *HSM) WycheproofDestroy(ctx context.Context, o pkcs11.ObjectHandle) error {
-	return h.destroy(ctx, []pkcs11.ObjectHandle{o})
+	return h.destroy(ctx, anyGen, []pkcs11.ObjectHandle{o})
 }
 
 // WycheproofGCMSeal is gcmSeal: AES-GCM encryption with k in the HSM,
 // returning ciphertext || tag.
 func (h *HSM) WycheproofGCMSeal(ctx context.Context, k pkcs11.ObjectHandle, iv, plaintext, aad []byte) ([]byte, error) {
-	return h.gcmSeal(ctx, "wycheproof gcm seal", k, iv, plaintext, aad)
+	return h.gcmSeal(ctx, "wycheproof gcm seal", objRef{k, anyGen}, iv, plaintext, aad)
 }
 
 // WycheproofGCMOpen is gcmOpen: AES-GCM decryption of ciphertext || tag
 // with k in the HSM.
 func (h *HSM) WycheproofGCMOpen(ctx context.Context, k pkcs11.ObjectHandle, iv, ct, aad []byte) ([]byte, error) {
-	return h.gcmOpen(ctx, "wycheproof gcm open", k, iv, ct, aad)
+	return h.gcmOpen(ctx, "wycheproof gcm open", objRef{k, anyGen}, iv, ct, aad)
 }
 
 // WycheproofHMAC is hmacWith: HMAC-SHA256 with the generic secret k in
 // the HSM.
 func (h *HSM) WycheproofHMAC(ctx context.Context, k pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
-	return h.hmacWith(ctx, "wycheproof hmac", k, msg)
+	return h.hmacWith(ctx, "wycheproof hmac", objRef{k, anyGen}, msg)
 }
 
 // WycheproofIsAuthFailure is isAuthFailure: err is about the data, not

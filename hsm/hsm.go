@@ -5,6 +5,7 @@ import (
 	"crypto/hmac"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,13 +23,17 @@ import (
 // the caller gets a retryable ErrTimeout while the call finishes in the
 // background; its session goes back to the pool only when it has finished.
 //
-// Whoever calls Open must call Close.
+// After a recoverable fatal error the HSM recovers by itself in the
+// background (see the package doc, "Recovery"). Whoever calls Open must
+// call Close.
 type HSM struct {
-	cfg   Config
-	lm    *loadedModule
-	count *countingModule
-	mod   Module // count, possibly wrapped
-	slot  uint
+	cfg    Config
+	log    *slog.Logger
+	lm     *loadedModule
+	count  *countingModule
+	mod    Module        // count, possibly wrapped
+	slot   atomic.Uint64 // the token's slot; recovery may move it
+	serial string        // the token's serial number, checked by recovery
 
 	pool     chan pkcs11.SessionHandle // 0 marks a slot whose session must be (re)opened
 	closed   chan struct{}             // closed by Close
@@ -40,13 +45,29 @@ type HSM struct {
 	loginGen atomic.Uint64 // number of successful re-logins
 	ready    readyProbe
 
-	fatal     atomic.Pointer[fatalState]
-	keys      atomic.Pointer[keySet]
+	fatal atomic.Pointer[fatalState]
+	// down is closed when the HSM goes fatal, so that calls waiting for a
+	// session give up at once; recovery installs a new one.
+	down atomic.Pointer[chan struct{}]
+	// gen counts recoveries: sessions and key handles of an older
+	// generation are never used (see objRef).
+	gen    atomic.Uint64
+	keysMu sync.Mutex // serialises storing keys with changing gen
+	keys   atomic.Pointer[keySet]
+	stats  recoveryStats
+
 	closeOnce sync.Once
 	closeErr  error
 }
 
-type fatalState struct{ err error }
+// fatalState is the recorded fatal error. It is replaced, never changed.
+type fatalState struct {
+	err         error     // the first fatal error, or the one that made recovery give up
+	at          time.Time // when the token went unusable
+	recoverable bool      // recovery runs (or will) in the background
+	attempts    int       // recovery attempts made so far
+	last        error     // the last failed attempt's error
+}
 
 // Open loads cfg.Module (sharing it with other HSMs in the process), finds
 // the token labelled cfg.TokenLabel, logs in as the user with the PIN read
@@ -81,11 +102,14 @@ func OpenWithModuleWrapper(ctx context.Context, cfg Config, wrap func(Module) Mo
 	}
 	h := &HSM{
 		cfg:    cfg,
+		log:    cfg.Logger,
 		lm:     lm,
 		count:  &countingModule{Module: lm.ctx},
 		pool:   make(chan pkcs11.SessionHandle, cfg.Sessions),
 		closed: make(chan struct{}),
 	}
+	down := make(chan struct{})
+	h.down.Store(&down)
 	h.mod = Module(h.count)
 	if wrap != nil {
 		h.mod = wrap(h.count)
@@ -128,11 +152,12 @@ func (h *HSM) startWithin(ctx context.Context, pin []byte) error {
 
 // start finds the token, logs in and fills the pool.
 func (h *HSM) start(pin []byte) error {
-	slot, err := h.findSlot()
+	slot, ti, err := h.findSlot()
 	if err != nil {
 		return err
 	}
-	h.slot = slot
+	h.slot.Store(uint64(slot))
+	h.serial = ti.SerialNumber
 	for i := range h.cfg.Sessions {
 		s, err := h.openSession()
 		if err != nil {
@@ -140,7 +165,7 @@ func (h *HSM) start(pin []byte) error {
 		}
 		h.pool <- s
 		if i == 0 {
-			if err := h.login(s, pin); err != nil {
+			if err := h.login(slot, s, pin); err != nil {
 				return err
 			}
 		}
@@ -148,46 +173,57 @@ func (h *HSM) start(pin []byte) error {
 	return nil
 }
 
-func (h *HSM) findSlot() (uint, error) {
+// findSlot returns the slot of the token labelled Config.TokenLabel and its
+// token information.
+func (h *HSM) findSlot() (uint, pkcs11.TokenInfo, error) {
 	slots, err := h.mod.GetSlotList(true)
 	if err != nil {
-		return 0, wrapErr("slot list", err)
+		return 0, pkcs11.TokenInfo{}, wrapErr("slot list", err)
 	}
 	var found []uint
+	var info pkcs11.TokenInfo
 	for _, s := range slots {
 		ti, err := h.mod.GetTokenInfo(s)
 		if err == nil && ti.Label == h.cfg.TokenLabel {
-			found = append(found, s)
+			found, info = append(found, s), ti
 		}
 	}
 	switch len(found) {
 	case 0:
-		return 0, fmt.Errorf("%w: no token labelled %q in %s", ErrTokenNotFound, h.cfg.TokenLabel, h.cfg.Module)
+		return 0, info, fmt.Errorf("%w: no token labelled %q in %s", ErrTokenNotFound, h.cfg.TokenLabel, h.cfg.Module)
 	case 1:
-		return found[0], nil
+		return found[0], info, nil
 	}
-	return 0, fmt.Errorf("hsm: %d tokens labelled %q in %s; labels must be unique", len(found), h.cfg.TokenLabel, h.cfg.Module)
+	return 0, info, fmt.Errorf("hsm: %d tokens labelled %q in %s; labels must be unique", len(found), h.cfg.TokenLabel, h.cfg.Module)
 }
 
+// slotID returns the token's current slot.
+func (h *HSM) slotID() uint { return uint(h.slot.Load()) }
+
 func (h *HSM) openSession() (pkcs11.SessionHandle, error) {
-	s, err := h.mod.OpenSession(h.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	return h.openSessionOn(h.slotID())
+}
+
+func (h *HSM) openSessionOn(slot uint) (pkcs11.SessionHandle, error) {
+	s, err := h.mod.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
 		return 0, wrapErr("open session", err)
 	}
 	return s, nil
 }
 
-// login logs the user in on s. The login state is per process and token, so
-// if another HSM of this process is already logged in to the token, the PIN
-// is checked against a keyed fingerprint of the PIN that logged in.
-func (h *HSM) login(s pkcs11.SessionHandle, pin []byte) error {
+// login logs the user in on s, a session on slot. The login state is per
+// process and token, so if another HSM of this process is already logged
+// in to the token, the PIN is checked against a keyed fingerprint of the
+// PIN that logged in.
+func (h *HSM) login(slot uint, s pkcs11.SessionHandle, pin []byte) error {
 	mac := h.lm.pinMAC(pin)
-	prev := h.lm.joinToken(h.slot)
+	prev := h.lm.joinToken(slot)
 	h.joined = true
 	err := h.mod.Login(s, pkcs11.CKU_USER, pinString(pin))
 	switch {
 	case err == nil:
-		h.lm.setLogin(h.slot, mac)
+		h.lm.setLogin(slot, mac)
 		return nil
 	case errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)):
 		if prev != nil && hmac.Equal(prev, mac) {
@@ -227,8 +263,8 @@ func (h *HSM) relogin(op string, s pkcs11.SessionHandle, seen uint64) error {
 // A PIN from a descriptor cannot be read twice, so then the login loss is
 // final.
 func (h *HSM) loginAgain(s pkcs11.SessionHandle) error {
-	if h.cfg.PINFile == "" && h.cfg.PINSource == nil {
-		return errors.New("hsm: login lost and the PIN came from a descriptor")
+	if !h.canReadPIN() {
+		return fmt.Errorf("%w: login lost and the PIN came from a descriptor, which cannot be read again", ErrLogin)
 	}
 	pin, err := h.cfg.readPIN()
 	if err != nil {
@@ -241,6 +277,10 @@ func (h *HSM) loginAgain(s pkcs11.SessionHandle) error {
 	}
 	return nil
 }
+
+// canReadPIN reports whether the PIN can be read again for another login:
+// a file or the TPM can, a descriptor cannot.
+func (h *HSM) canReadPIN() bool { return h.cfg.PINFile != "" || h.cfg.PINSource != nil }
 
 func pinSource(c Config) string {
 	if c.PINSource != nil {
@@ -262,10 +302,17 @@ func pinString(pin []byte) string {
 	return unsafe.String(unsafe.SliceData(pin), len(pin))
 }
 
-// noteFatal records err if it is fatal, so that Ready and later calls fail.
+// noteFatal records err if it is fatal, so that Ready and later calls fail,
+// and starts recovery if err may pass without an operator (see
+// recoverable). Only the first fatal error of an outage is recorded.
 func (h *HSM) noteFatal(err error) error {
-	if IsFatal(err) {
-		h.fatal.CompareAndSwap(nil, &fatalState{err})
+	if !IsFatal(err) {
+		return err
+	}
+	st := &fatalState{err: err, at: time.Now(), recoverable: recoverable(err) && h.canReadPIN()}
+	if h.fatal.CompareAndSwap(nil, st) {
+		close(*h.down.Load())
+		h.wentDown(st)
 	}
 	return err
 }
@@ -275,12 +322,13 @@ func (h *HSM) noteFatal(err error) error {
 // nil it is 0.
 func (h *HSM) OpenSessions() int { return int(h.count.open.Load()) }
 
-// Close waits up to CallTimeout for calls in flight, closes every session,
-// logs out (when no other HSM of this process uses the token) and releases
-// the module (finalizing it when this was its last user). Close is safe to
-// call more than once; later calls return nil. If calls are still running
-// at the timeout, Close returns an ErrTimeout error and finishes the
-// teardown in the background when they complete.
+// Close stops a recovery in progress (see the package doc, "Recovery"),
+// waits up to CallTimeout for calls in flight (and a recovery attempt under
+// way), closes every session, logs out (when no other HSM of this process
+// uses the token) and releases the module (finalizing it when this was its
+// last user). Close is safe to call more than once; later calls return nil.
+// If calls are still running at the timeout, Close returns an ErrTimeout
+// error and finishes the teardown in the background when they complete.
 func (h *HSM) Close() error {
 	first := false
 	h.closeOnce.Do(func() {
@@ -320,7 +368,7 @@ func (h *HSM) teardown() error {
 			sessions = append(sessions, s)
 		}
 	}
-	if h.joined && h.lm.leaveToken(h.slot) && len(sessions) > 0 {
+	if h.joined && h.lm.leaveToken(h.slotID()) && len(sessions) > 0 {
 		_ = h.mod.Logout(sessions[0]) // closing the last session logs out anyway
 	}
 	var errs []error

@@ -66,11 +66,13 @@ func (h *HSM) checkNoKeys(ctx context.Context) error {
 	return nil
 }
 
-// destroy removes the given objects, continuing past failures.
-func (h *HSM) destroy(ctx context.Context, objs []pkcs11.ObjectHandle) error {
+// destroy removes the given objects, found in generation gen, continuing
+// past failures. After a recovery it destroys nothing (the handles may
+// name other objects now) and fails with a retryable error.
+func (h *HSM) destroy(ctx context.Context, gen uint64, objs []pkcs11.ObjectHandle) error {
 	var errs []error
 	for _, o := range objs {
-		errs = append(errs, h.do(ctx, "destroy key", func(m Module, s pkcs11.SessionHandle) error {
+		errs = append(errs, h.doAt(ctx, "destroy key", gen, func(m Module, s pkcs11.SessionHandle) error {
 			return m.DestroyObject(s, o)
 		}))
 	}

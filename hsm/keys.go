@@ -119,11 +119,27 @@ func specOf(kind string) (kindSpec, bool) {
 	return kindSpec{}, false
 }
 
+// anyGen is the generation of an operation that uses no object handle
+// found by an earlier call.
+const anyGen = ^uint64(0)
+
+// objRef is an object handle and the generation (the count of recoveries,
+// HSM.gen) in which it was found. After a recovery the token may be another
+// copy whose handle numbers mean other objects, so a handle is used only
+// in its own generation (doAt).
+type objRef struct {
+	h   pkcs11.ObjectHandle
+	gen uint64
+}
+
 // rootKey is one loaded root key: the handle of its secret or private
-// object and, for a signing pair, the public key read from the token.
+// object, for a signing pair the public key read from the token, and for a
+// secret key the answer recorded at load by which recovery recognises it
+// (see recordCheck).
 type rootKey struct {
-	obj pkcs11.ObjectHandle
-	pub crypto.PublicKey
+	obj   objRef
+	pub   crypto.PublicKey
+	check []byte
 }
 
 // keySet holds the handles LoadKeys found, by kind and version. It is

@@ -138,8 +138,10 @@ func (spec kindSpec) split(label string, objs []tokenObject) (key, pub pkcs11.Ob
 }
 
 // buildKeySet loads every key of a known kind in found, checking that each
-// is complete and of the right type. A kind may have no version.
-func buildKeySet(m Module, s pkcs11.SessionHandle, found tokenRoots) (*keySet, error) {
+// is complete and of the right type, and records for each secret key the
+// answer by which recovery recognises it. A kind may have no version. The
+// handles are of generation gen.
+func buildKeySet(m Module, s pkcs11.SessionHandle, found tokenRoots, gen uint64) (*keySet, error) {
 	ks := &keySet{byKind: map[string]map[uint32]rootKey{}}
 	for _, spec := range rootKinds {
 		ks.byKind[spec.kind] = map[uint32]rootKey{}
@@ -149,11 +151,14 @@ func buildKeySet(m Module, s pkcs11.SessionHandle, found tokenRoots) (*keySet, e
 			if err != nil {
 				return nil, err
 			}
-			k := rootKey{obj: key}
+			k := rootKey{obj: objRef{key, gen}}
 			if spec.pair {
-				if k.pub, err = readPublic(m, s, spec, label, pubObj); err != nil {
-					return nil, err
-				}
+				k.pub, err = readPublic(m, s, spec, label, pubObj)
+			} else {
+				k.check, err = recordCheck(m, s, spec, key)
+			}
+			if err != nil {
+				return nil, err
 			}
 			ks.byKind[spec.kind][v] = k
 		}
@@ -172,7 +177,7 @@ func buildKeySet(m Module, s pkcs11.SessionHandle, found tokenRoots) (*keySet, e
 // loaded keys themselves. It is safe for concurrent use with other
 // operations, which see the old or the new set.
 func (h *HSM) LoadKeys(ctx context.Context) error {
-	ks, err := h.scanKeySet(ctx, "load keys")
+	ks, gen, err := h.scanKeySet(ctx, "load keys")
 	if err != nil {
 		return err
 	}
@@ -181,33 +186,48 @@ func (h *HSM) LoadKeys(ctx context.Context) error {
 			return fmt.Errorf("%w: %s (no key labelled %s/vN)", ErrKeyNotFound, KeyLabel(spec.kind, 1), labelPrefix+spec.kind)
 		}
 	}
-	h.keys.Store(ks)
-	return nil
+	return h.storeKeys("load keys", ks, gen)
 }
 
-// scanKeySet reads the root keys from the token.
-func (h *HSM) scanKeySet(ctx context.Context, op string) (*keySet, error) {
+// scanKeySet reads the root keys from the token, with handles of the
+// generation it returns.
+func (h *HSM) scanKeySet(ctx context.Context, op string) (*keySet, uint64, error) {
 	var ks *keySet
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+	gen := h.gen.Load()
+	err := h.doAt(ctx, op, gen, func(m Module, s pkcs11.SessionHandle) error {
 		found, err := scanRoots(m, s)
 		if err != nil {
 			return err
 		}
-		ks, err = buildKeySet(m, s, found)
+		ks, err = buildKeySet(m, s, found, gen)
 		return err
 	})
-	return ks, err
+	return ks, gen, err
+}
+
+// storeKeys makes ks, found in generation gen, the loaded keys, unless a
+// recovery has renewed the handles since (a retryable error).
+func (h *HSM) storeKeys(op string, ks *keySet, gen uint64) error {
+	h.keysMu.Lock()
+	defer h.keysMu.Unlock()
+	if h.gen.Load() != gen {
+		return fmt.Errorf("hsm: %s: %w", op, errStaleHandles)
+	}
+	h.keys.Store(ks)
+	return nil
 }
 
 // refreshKeys replaces the loaded keys with those on the token after this
 // HSM changed them; unlike LoadKeys it accepts a kind without keys. It
 // runs even if ctx was cancelled (the change is made), within CallTimeout.
 func (h *HSM) refreshKeys(ctx context.Context, op string) error {
-	ks, err := h.scanKeySet(context.WithoutCancel(ctx), op)
+	ks, gen, err := h.scanKeySet(context.WithoutCancel(ctx), op)
+	if err == nil {
+		err = h.storeKeys(op, ks, gen)
+	}
 	if err != nil {
 		return fmt.Errorf("hsm: %s: the token was changed but reloading its keys failed (call LoadKeys): %w", op, err)
 	}
-	h.keys.Store(ks)
 	return nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -58,9 +59,12 @@ func (m *countingModule) OpenSession(slot uint, flags uint) (pkcs11.SessionHandl
 
 func (m *countingModule) CloseSession(s pkcs11.SessionHandle) error {
 	err := m.Module.CloseSession(s)
-	// A session the module no longer knows is gone either way.
-	if err == nil || err == pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID) ||
-		err == pkcs11.Error(pkcs11.CKR_SESSION_CLOSED) {
+	// A session the module no longer knows is gone either way, and so is
+	// one on a removed token or in a module that lost its state.
+	switch err {
+	case nil, pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID), pkcs11.Error(pkcs11.CKR_SESSION_CLOSED),
+		pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT), pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED),
+		pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED):
 		m.open.Add(-1)
 	}
 	return err
@@ -161,6 +165,24 @@ func (lm *loadedModule) release() error {
 	}
 	lm.ctx.Destroy()
 	return err
+}
+
+// reinitialize calls C_Initialize again after the module reported
+// CKR_CRYPTOKI_NOT_INITIALIZED (someone in the process finalized it).
+// Another user may have done so first (CKR_CRYPTOKI_ALREADY_INITIALIZED).
+// It never finalizes: other HSMs of the process may be mid-call.
+func (lm *loadedModule) reinitialize() error {
+	registry.Lock()
+	defer registry.Unlock()
+	err := lm.ctx.Initialize()
+	switch {
+	case err == nil:
+		lm.owned = true
+	case errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)):
+	default:
+		return fmt.Errorf("hsm: re-initializing module %s: %w", lm.path, err)
+	}
+	return nil
 }
 
 func (lm *loadedModule) pinMAC(pin []byte) []byte {

@@ -95,6 +95,11 @@ func TestConfigValidate(t *testing.T) {
 		{func(c *hsm.Config) { c.PINFD = 3 }, "mutually exclusive"},
 		{func(c *hsm.Config) { c.Sessions = -1 }, "hsm.sessions"},
 		{func(c *hsm.Config) { c.CallTimeout = -time.Second }, "hsm.call_timeout"},
+		{func(c *hsm.Config) { c.RecoveryHoldDown = 500 * time.Millisecond }, "hsm.recovery_hold_down must be at least 1s"},
+		{func(c *hsm.Config) { c.RecoveryMaxBackoff = 500 * time.Millisecond }, "hsm.recovery_max_backoff"},
+		{func(c *hsm.Config) {
+			c.RecoveryHoldDown, c.RecoveryMaxBackoff = 5*time.Second, 2*time.Second
+		}, "hsm.recovery_max_backoff must be at least hsm.recovery_hold_down"},
 	} {
 		c := ok
 		tc.edit(&c)

@@ -31,21 +31,12 @@ func (h *HSM) PRF(ctx context.Context, kdkVersion uint32, msg []byte) ([]byte, e
 }
 
 // hmacWith computes HMAC-SHA256 with the generic secret k in the HSM.
-func (h *HSM) hmacWith(ctx context.Context, op string, k pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
+func (h *HSM) hmacWith(ctx context.Context, op string, k objRef, msg []byte) ([]byte, error) {
 	var out []byte
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
-		if err := m.SignInit(s, hmacMech, k); err != nil {
-			return err
-		}
-		mac, err := m.Sign(s, msg)
-		if err != nil {
-			return err
-		}
-		if len(mac) != PRFSize {
-			return fmt.Errorf("hsm: %s: HMAC output is %d bytes, want %d", op, len(mac), PRFSize)
-		}
-		out = mac
-		return nil
+	err := h.doAt(ctx, op, k.gen, func(m Module, s pkcs11.SessionHandle) error {
+		var err error
+		out, err = hmacOn(m, s, op, k.h, msg)
+		return err
 	})
 	if err != nil {
 		return nil, err
@@ -53,34 +44,48 @@ func (h *HSM) hmacWith(ctx context.Context, op string, k pkcs11.ObjectHandle, ms
 	return out, nil
 }
 
+// hmacOn computes HMAC-SHA256 with the generic secret k on session s.
+func hmacOn(m Module, s pkcs11.SessionHandle, op string, k pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
+	if err := m.SignInit(s, hmacMech, k); err != nil {
+		return nil, err
+	}
+	mac, err := m.Sign(s, msg)
+	if err != nil {
+		return nil, err
+	}
+	if len(mac) != PRFSize {
+		return nil, fmt.Errorf("hsm: %s: HMAC output is %d bytes, want %d", op, len(mac), PRFSize)
+	}
+	return mac, nil
+}
+
 // signWith signs msg with the private key k using mech in the HSM and
 // returns the raw PKCS#11 signature.
-func (h *HSM) signWith(ctx context.Context, op string, k pkcs11.ObjectHandle, mech []*pkcs11.Mechanism, msg []byte) ([]byte, error) {
+func (h *HSM) signWith(ctx context.Context, op string, k objRef, mech []*pkcs11.Mechanism, msg []byte) ([]byte, error) {
 	var sig []byte
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
-		if err := m.SignInit(s, mech, k); err != nil {
-			return err
-		}
+	err := h.doAt(ctx, op, k.gen, func(m Module, s pkcs11.SessionHandle) error {
 		var err error
-		sig, err = m.Sign(s, msg)
+		sig, err = signOn(m, s, k.h, mech, msg)
 		return err
 	})
 	return sig, err
 }
 
+// signOn signs msg with the private key k using mech on session s.
+func signOn(m Module, s pkcs11.SessionHandle, k pkcs11.ObjectHandle, mech []*pkcs11.Mechanism, msg []byte) ([]byte, error) {
+	if err := m.SignInit(s, mech, k); err != nil {
+		return nil, err
+	}
+	return m.Sign(s, msg)
+}
+
 // gcmSeal encrypts plaintext with the AES key k under AES-GCM with iv and
 // aad in the HSM and returns ciphertext || tag.
-func (h *HSM) gcmSeal(ctx context.Context, op string, k pkcs11.ObjectHandle, iv, plaintext, aad []byte) ([]byte, error) {
+func (h *HSM) gcmSeal(ctx context.Context, op string, k objRef, iv, plaintext, aad []byte) ([]byte, error) {
 	var ct []byte
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
-		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
-		defer params.Free()
-		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
-		if err := m.EncryptInit(s, mech, k); err != nil {
-			return err
-		}
+	err := h.doAt(ctx, op, k.gen, func(m Module, s pkcs11.SessionHandle) error {
 		var err error
-		ct, err = m.Encrypt(s, plaintext)
+		ct, err = gcmSealOn(m, s, k.h, iv, plaintext, aad)
 		return err
 	})
 	if err != nil {
@@ -92,20 +97,36 @@ func (h *HSM) gcmSeal(ctx context.Context, op string, k pkcs11.ObjectHandle, iv,
 	return ct, nil
 }
 
+// gcmSealOn is gcmSeal on session s, without the size check.
+func gcmSealOn(m Module, s pkcs11.SessionHandle, k pkcs11.ObjectHandle, iv, plaintext, aad []byte) ([]byte, error) {
+	params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
+	defer params.Free()
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
+	if err := m.EncryptInit(s, mech, k); err != nil {
+		return nil, err
+	}
+	return m.Encrypt(s, plaintext)
+}
+
 // gcmOpen decrypts ciphertext || tag with the AES key k under AES-GCM with
 // iv and aad in the HSM.
-func (h *HSM) gcmOpen(ctx context.Context, op string, k pkcs11.ObjectHandle, iv, ct, aad []byte) ([]byte, error) {
+func (h *HSM) gcmOpen(ctx context.Context, op string, k objRef, iv, ct, aad []byte) ([]byte, error) {
 	var pt []byte
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
-		params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
-		defer params.Free()
-		mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
-		if err := m.DecryptInit(s, mech, k); err != nil {
-			return err
-		}
+	err := h.doAt(ctx, op, k.gen, func(m Module, s pkcs11.SessionHandle) error {
 		var err error
-		pt, err = m.Decrypt(s, ct)
+		pt, err = gcmOpenOn(m, s, k.h, iv, ct, aad)
 		return err
 	})
 	return pt, err
+}
+
+// gcmOpenOn is gcmOpen on session s.
+func gcmOpenOn(m Module, s pkcs11.SessionHandle, k pkcs11.ObjectHandle, iv, ct, aad []byte) ([]byte, error) {
+	params := pkcs11.NewGCMParams(iv, aad, gcmTagSize*8)
+	defer params.Free()
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}
+	if err := m.DecryptInit(s, mech, k); err != nil {
+		return nil, err
+	}
+	return m.Decrypt(s, ct)
 }

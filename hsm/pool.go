@@ -28,12 +28,18 @@ func (h *HSM) enter(op string) error {
 }
 
 // fatalErr returns an error wrapping the recorded fatal error, or nil if
-// none has been seen.
+// none has been seen (or the HSM has recovered since).
 func (h *HSM) fatalErr(op string) error {
-	if f := h.fatal.Load(); f != nil {
-		return fmt.Errorf("hsm: %s: token unusable: %w", op, f.err)
+	f := h.fatal.Load()
+	switch {
+	case f == nil:
+		return nil
+	case !f.recoverable:
+		return fmt.Errorf("hsm: %s: token unusable (an operator must act, then reopen the HSM): %w", op, f.err)
+	case f.last != nil:
+		return fmt.Errorf("hsm: %s: token unusable (recovering, %d attempts failed, the last with: %v): %w", op, f.attempts, f.last, f.err)
 	}
-	return nil
+	return fmt.Errorf("hsm: %s: token unusable (recovering): %w", op, f.err)
 }
 
 // await runs fn in a goroutine that owns one h.inflight count, and waits
@@ -58,6 +64,13 @@ func (h *HSM) await(ctx context.Context, op string, fn func() error) error {
 // when fn has finished. Errors are classified (see Class); a session-level
 // error replaces the session; a fatal error makes Ready fail.
 func (h *HSM) do(ctx context.Context, op string, fn sessionFunc) error {
+	return h.doAt(ctx, op, anyGen, fn)
+}
+
+// doAt is do for fn using object handles of generation gen (see objRef):
+// if the HSM has recovered since, fn does not run and the call fails with
+// a retryable error.
+func (h *HSM) doAt(ctx context.Context, op string, gen uint64, fn sessionFunc) error {
 	if err := h.enter(op); err != nil {
 		return err
 	}
@@ -68,7 +81,7 @@ func (h *HSM) do(ctx context.Context, op string, fn sessionFunc) error {
 		h.inflight.Done()
 		return err
 	}
-	return h.await(ctx, op, func() error { return h.run(op, s, fn) })
+	return h.await(ctx, op, func() error { return h.run(op, s, gen, fn) })
 }
 
 // take waits for a pooled session until ctx is done. It checks ctx before
@@ -79,7 +92,14 @@ func (h *HSM) take(ctx context.Context, op string) (pkcs11.SessionHandle, error)
 	if err := ctx.Err(); err != nil {
 		return 0, ctxErr(op, ErrBusy, err)
 	}
+	down := *h.down.Load()
 	select {
+	case <-down:
+		// Recovery holds the sessions: fail fast rather than wait.
+		if err := h.fatalErr(op); err != nil {
+			return 0, err
+		}
+		return 0, fmt.Errorf("hsm: %s: %w (the token recovered meanwhile)", op, ErrBusy)
 	case s := <-h.pool:
 		if err := ctx.Err(); err != nil {
 			h.pool <- s // never blocks: we just took it
@@ -94,13 +114,19 @@ func (h *HSM) take(ctx context.Context, op string) (pkcs11.SessionHandle, error)
 }
 
 // run executes fn on s (opening a session first if s is 0), classifies the
-// error, repairs the session if needed and returns it to the pool.
-func (h *HSM) run(op string, s pkcs11.SessionHandle, fn sessionFunc) (err error) {
+// error, repairs the session if needed and returns it to the pool. Handles
+// of generation gen are stale if the HSM recovered since (recovery holds
+// every session while it swaps them, so holding s, the generation cannot
+// change under fn).
+func (h *HSM) run(op string, s pkcs11.SessionHandle, gen uint64, fn sessionFunc) (err error) {
 	defer func() {
 		h.pool <- s // never blocks: at most cap(h.pool) sessions exist
 	}()
 	if err := h.fatalErr(op); err != nil {
 		return err // went fatal while this call waited for the session
+	}
+	if gen != anyGen && gen != h.gen.Load() {
+		return fmt.Errorf("hsm: %s: %w", op, errStaleHandles)
 	}
 	if s == 0 {
 		if s, err = h.openSession(); err != nil {
@@ -108,14 +134,14 @@ func (h *HSM) run(op string, s pkcs11.SessionHandle, fn sessionFunc) (err error)
 			return h.noteFatal(err)
 		}
 	}
-	gen := h.loginGen.Load() // before fn, so a re-login during fn counts
+	logins := h.loginGen.Load() // before fn, so a re-login during fn counts
 	err = wrapErr(op, fn(h.mod, s))
 	var rv pkcs11.Error
 	if !errors.As(err, &rv) {
 		return err
 	}
 	if rv == pkcs11.CKR_USER_NOT_LOGGED_IN {
-		if lerr := h.relogin(op, s, gen); lerr != nil {
+		if lerr := h.relogin(op, s, logins); lerr != nil {
 			return lerr
 		}
 		return &Error{Op: op, Class: ClassRetryable, Err: rv}

@@ -121,9 +121,12 @@ type rootJob struct {
 	make func(m Module, s pkcs11.SessionHandle, out *madeKey) error
 }
 
-// madeKey holds the objects made for one rootJob; pub is 0 for a secret
-// key.
-type madeKey struct{ key, pub pkcs11.ObjectHandle }
+// madeKey holds the objects made for one rootJob, in generation gen; pub
+// is 0 for a secret key.
+type madeKey struct {
+	key, pub pkcs11.ObjectHandle
+	gen      uint64
+}
 
 func (k madeKey) objects() []pkcs11.ObjectHandle {
 	var out []pkcs11.ObjectHandle
@@ -216,12 +219,16 @@ func (h *HSM) makeRoots(ctx context.Context, op string, jobs []rootJob, mat *Roo
 		return err
 	}
 	made := make([]madeKey, len(jobs))
+	gen := h.gen.Load() // made objects are used in this generation only
+	for i := range made {
+		made[i].gen = gen
+	}
 	if err := h.makeAndCheck(ctx, op, jobs, made, mat); err != nil {
 		var objs []pkcs11.ObjectHandle
 		for _, k := range made {
 			objs = append(objs, k.objects()...)
 		}
-		if derr := h.destroy(context.WithoutCancel(ctx), objs); derr != nil {
+		if derr := h.destroy(context.WithoutCancel(ctx), gen, objs); derr != nil {
 			return fmt.Errorf("%w; destroying the %d objects created also failed: %w", err, len(objs), derr)
 		}
 		return fmt.Errorf("%w (the %d objects created were destroyed)", err, len(objs))
@@ -235,8 +242,8 @@ func (h *HSM) makeAndCheck(ctx context.Context, op string, jobs []rootJob, made 
 		// returns while the call may still run, and made must not race
 		// with it.
 		res := make(chan madeKey, 1)
-		err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
-			var k madeKey
+		err := h.doAt(ctx, op, made[i].gen, func(m Module, s pkcs11.SessionHandle) error {
+			k := madeKey{gen: made[i].gen}
 			err := j.make(m, s, &k)
 			res <- k
 			return err
@@ -354,7 +361,8 @@ func (h *HSM) DestroyRoot(ctx context.Context, kind string, version uint32) erro
 	keyCreation.Lock()
 	defer keyCreation.Unlock()
 	var found tokenRoots
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+	gen := h.gen.Load() // the handles found are used in this generation only
+	err := h.doAt(ctx, op, gen, func(m Module, s pkcs11.SessionHandle) error {
 		var err error
 		found, err = scanRoots(m, s)
 		return err
@@ -384,7 +392,7 @@ func (h *HSM) DestroyRoot(ctx context.Context, kind string, version uint32) erro
 	for i, o := range objs {
 		handles[i] = o.handle
 	}
-	err = h.destroy(context.WithoutCancel(ctx), handles)
+	err = h.destroy(context.WithoutCancel(ctx), gen, handles)
 	if err != nil {
 		err = fmt.Errorf("hsm: %s: %s: %w", op, label, err)
 	}
@@ -400,6 +408,8 @@ func boolInt(b bool) int {
 
 // dropLoaded removes kind at version from the loaded keys, if loaded.
 func (h *HSM) dropLoaded(kind string, version uint32) {
+	h.keysMu.Lock()
+	defer h.keysMu.Unlock()
 	for {
 		old := h.keys.Load()
 		if old == nil || h.keys.CompareAndSwap(old, old.without(kind, version)) {

@@ -30,14 +30,14 @@ var (
 func (h *HSM) checkRoot(ctx context.Context, op string, spec kindSpec, label string, k madeKey, mat *RootMaterial) error {
 	switch spec.kind {
 	case KindKDK:
-		return h.checkKDK(ctx, op, k.key, mat)
+		return h.checkKDK(ctx, op, objRef{k.key, k.gen}, mat)
 	case KindWrap:
-		return h.checkWrapKey(ctx, op, k.key, mat)
+		return h.checkWrapKey(ctx, op, objRef{k.key, k.gen}, mat)
 	}
 	return h.checkPair(ctx, op, spec, label, k, mat)
 }
 
-func (h *HSM) checkKDK(ctx context.Context, op string, k pkcs11.ObjectHandle, mat *RootMaterial) error {
+func (h *HSM) checkKDK(ctx context.Context, op string, k objRef, mat *RootMaterial) error {
 	a1, err := h.hmacWith(ctx, op, k, selfCheckMsgA)
 	if err != nil {
 		return err
@@ -63,7 +63,7 @@ func (h *HSM) checkKDK(ctx context.Context, op string, k pkcs11.ObjectHandle, ma
 	return nil
 }
 
-func (h *HSM) checkWrapKey(ctx context.Context, op string, k pkcs11.ObjectHandle, mat *RootMaterial) error {
+func (h *HSM) checkWrapKey(ctx context.Context, op string, k objRef, mat *RootMaterial) error {
 	msg := []byte("hsmd self-check plaintext")
 	iv := make([]byte, gcmIVSize)
 	if _, err := rand.Read(iv); err != nil {
@@ -108,7 +108,7 @@ func (h *HSM) checkWrapKey(ctx context.Context, op string, k pkcs11.ObjectHandle
 // mat (which the token's public object must then hold).
 func (h *HSM) checkPair(ctx context.Context, op string, spec kindSpec, label string, k madeKey, mat *RootMaterial) error {
 	var pub crypto.PublicKey
-	err := h.do(ctx, op, func(m Module, s pkcs11.SessionHandle) error {
+	err := h.doAt(ctx, op, k.gen, func(m Module, s pkcs11.SessionHandle) error {
 		var err error
 		pub, err = readPublic(m, s, spec, label, k.pub)
 		return err
@@ -131,7 +131,7 @@ func (h *HSM) checkPair(ctx context.Context, op string, spec kindSpec, label str
 		return err
 	}
 	if spec.kind == KindSigEd25519 {
-		sig, err := h.signWith(ctx, op, k.key, []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}, msg)
+		sig, err := h.signWith(ctx, op, objRef{k.key, k.gen}, []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}, msg)
 		if err != nil {
 			return err
 		}
@@ -141,7 +141,7 @@ func (h *HSM) checkPair(ctx context.Context, op string, spec kindSpec, label str
 		return nil
 	}
 	digest := sha256.Sum256(msg)
-	raw, err := h.signWith(ctx, op, k.key, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, digest[:])
+	raw, err := h.signWith(ctx, op, objRef{k.key, k.gen}, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, digest[:])
 	if err != nil {
 		return err
 	}

@@ -131,14 +131,14 @@ func (s *signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 // key returns the handle of the signer's key in the loaded set, so that a
 // key destroyed or replaced since gives ErrKeyNotFound, never a stale
 // handle.
-func (s *signer) key() (pkcs11.ObjectHandle, error) {
+func (s *signer) key() (objRef, error) {
 	ks, err := s.h.loadedKeys()
 	if err != nil {
-		return 0, err
+		return objRef{}, err
 	}
 	k, ok := ks.get(s.kind, s.version)
 	if !ok || !samePublic(k.pub, s.pub) {
-		return 0, fmt.Errorf("%w: %s is no longer loaded (destroyed?)", ErrKeyNotFound, KeyLabel(s.kind, s.version))
+		return objRef{}, fmt.Errorf("%w: %s is no longer loaded (destroyed?)", ErrKeyNotFound, KeyLabel(s.kind, s.version))
 	}
 	return k.obj, nil
 }

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"log/slog"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -84,13 +85,16 @@ func TestHSMStallDoesNotHang(t *testing.T) {
 	time.Sleep(2 * time.Second) // let the stalled call finish before teardown counts sessions
 }
 
-// TestTokenGoneGoesNotReady: a fatal HSM error takes readiness down.
+// TestTokenGoneGoesNotReady: a fatal HSM error takes readiness down; once
+// the token answers again, the HSM recovers in place after its hold-down
+// and readiness comes back without a restart.
 func TestTokenGoneGoesNotReady(t *testing.T) {
 	s, f := faultyStack(t)
 	s.createTenant("cold")
 	hc := healthpb.NewHealthClient(s.conn)
 	waitHealth(t, hc, healthpb.HealthCheckResponse_SERVING)
 	f.fail.Store(pkcs11.CKR_TOKEN_NOT_PRESENT)
+	start := time.Now()
 	_, err := s.env.Encrypt(context.Background(), &hsmdv1.EncryptRequest{Tenant: "cold", Items: []*hsmdv1.EncryptItem{{Plaintext: []byte("x")}}})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("encrypt with the token gone: %v, want UNAVAILABLE", err)
@@ -99,6 +103,13 @@ func TestTokenGoneGoesNotReady(t *testing.T) {
 	if v := metricValue(t, s.reg, "hsmd_ready", nil); v != 0 {
 		t.Fatalf("hsmd_ready = %v with the token gone", v)
 	}
+	f.fail.Store(0)
+	waitHealth(t, hc, healthpb.HealthCheckResponse_SERVING)
+	t.Logf("SERVING again %v after the fault; %+v", time.Since(start).Round(time.Millisecond), s.hsm.Recoveries())
+	if v := metricValue(t, s.reg, "hsmd_ready", nil); v != 1 {
+		t.Fatalf("hsmd_ready = %v after recovery", v)
+	}
+	encrypt(t, s, "cold", &hsmdv1.EncryptItem{Plaintext: []byte("x")})
 }
 
 func waitHealth(t *testing.T, hc healthpb.HealthClient, want healthpb.HealthCheckResponse_ServingStatus) {
@@ -117,14 +128,15 @@ func waitHealth(t *testing.T, hc healthpb.HealthClient, want healthpb.HealthChec
 }
 
 // TestLogsHoldNoSecrets: at debug level, across successes, authentication
-// failures and HSM failures, the log holds no plaintext, context value or
-// PIN.
+// failures and HSM failures (the HSM's own logs of going unusable
+// included), the log holds no plaintext, context value or PIN.
 func TestLogsHoldNoSecrets(t *testing.T) {
 	var logs testutil.SyncBuffer
 	f := &faulty{}
 	s := newStack(t, stackOpts{
-		wrap: func(m hsm.Module) hsm.Module { f.Module = m; return f },
-		log:  &logs,
+		wrap:   func(m hsm.Module) hsm.Module { f.Module = m; return f },
+		log:    &logs,
+		hsmCfg: func(c *hsm.Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) },
 	})
 	s.createTenant("acme")
 	s.createTenant("cold")
@@ -135,10 +147,12 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 		&hsmdv1.DecryptItem{Ciphertext: cts[0], Context: map[string]string{"purpose": ctxVal + "x"}})
 	f.fail.Store(pkcs11.CKR_DEVICE_ERROR)
 	s.env.Encrypt(context.Background(), &hsmdv1.EncryptRequest{Tenant: "cold", Items: []*hsmdv1.EncryptItem{{Plaintext: []byte(secret), Context: c}}})
+	f.fail.Store(pkcs11.CKR_TOKEN_NOT_PRESENT)
+	s.env.Encrypt(context.Background(), &hsmdv1.EncryptRequest{Tenant: "cold", Items: []*hsmdv1.EncryptItem{{Plaintext: []byte(secret + "2"), Context: c}}})
 	f.fail.Store(0)
 	out := logs.String()
-	if !strings.Contains(out, "msg=rpc") || !strings.Contains(out, "derivation failed") {
-		t.Fatalf("the calls and the HSM failure were not logged:\n%s", out)
+	if !strings.Contains(out, "msg=rpc") || !strings.Contains(out, "derivation failed") || !strings.Contains(out, "token unusable") {
+		t.Fatalf("the calls and the HSM failures were not logged:\n%s", out)
 	}
 	for _, s := range []string{secret, ctxVal, strings.TrimSpace(string(s.tok.UserPIN))} {
 		if strings.Contains(out, s) {

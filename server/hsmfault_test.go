@@ -12,12 +12,13 @@ package server_test
 //     fails (UNAVAILABLE), the session is replaced, and service goes on
 //     without a restart. Health may drop for a moment (the readiness probe's
 //     test HMAC can meet a fault) and is back once faults stop.
-//   - CKR_TOKEN_NOT_PRESENT and CKR_PIN_EXPIRED (bursts) are fatal: health
-//     goes NOT_SERVING, calls that need the HSM get UNAVAILABLE at once
-//     without reaching the module, and the HSM stays so after the burst
-//     ends until it is closed and reopened (hsm doc, "Errors"): nothing in
-//     hsmd reopens it, so the test restarts the stack (same token, same
-//     data dir) and measures the recovery including that restart.
+//   - CKR_TOKEN_NOT_PRESENT and CKR_PIN_EXPIRED (bursts) are fatal and
+//     recoverable: health goes NOT_SERVING, calls that need the HSM get
+//     UNAVAILABLE at once without reaching the module, and so it stays
+//     through the hold-down after the fault (hsm doc, "Recovery"); then
+//     the HSM recovers in place (same sessions pool, same keys checked)
+//     and health goes back to SERVING without a restart. The test measures
+//     that recovery and bounds it.
 //   - Every response is correct or an error: a plaintext that differs, a
 //     tampered item that opens, or a genuine item refused as a bad
 //     ciphertext is a wrong answer, and there must be none; every
@@ -94,7 +95,7 @@ func TestHSMFaultsUnderLoad(t *testing.T) {
 		hsmCfg:   func(c *hsm.Config) { c.CallTimeout = faultCallTimeout; c.Sessions = faultSessions },
 		envelope: envelope.Limits{MaxItems: probeItems, MaxAge: time.Second},
 	}
-	r := newFaultRun(t, newStack(t, o), o, in, seed)
+	r := newFaultRun(t, newStack(t, o), in, seed)
 	r.start()
 
 	randomFor, burstFor := 1200*time.Millisecond, 300*time.Millisecond
@@ -126,14 +127,10 @@ type ackedItem struct {
 
 // faultRun drives the load and keeps the figures.
 type faultRun struct {
-	t    *testing.T
-	s    *stack
-	o    stackOpts
-	in   *hsmfault.Injector
-	seed uint64
-	// mu is held for reading around each call and for writing across a
-	// restart, which replaces the stack's clients.
-	mu      sync.RWMutex
+	t       *testing.T
+	s       *stack
+	in      *hsmfault.Injector
+	seed    uint64
 	tenants []string
 
 	ackMu sync.Mutex
@@ -158,16 +155,15 @@ type faultRound struct {
 	kind                     hsmfault.Kind
 	retryCall, retryHealth   time.Duration // last retryable fault → first successful HSM call / SERVING
 	detect                   time.Duration // burst start → NOT_SERVING
-	fatalCall, fatalHealth   time.Duration // burst end → first successful HSM call / SERVING (restart included)
-	restart                  time.Duration // the restart itself
-	reopenCall               time.Duration // restart start → first successful HSM call
+	fatalCall, fatalHealth   time.Duration // burst end → first successful HSM call / SERVING
+	recovery                 time.Duration // first fatal error → usable again, as the HSM measured it
 	goroutines               int           // in the process once serving again
 	stickyCalls, moduleCalls int64         // calls refused while fatal, module calls meanwhile
 	sessionsAfterRetryable   int
 }
 
-func newFaultRun(t *testing.T, s *stack, o stackOpts, in *hsmfault.Injector, seed uint64) *faultRun {
-	r := &faultRun{t: t, s: s, o: o, in: in, seed: seed, stop: make(chan struct{})}
+func newFaultRun(t *testing.T, s *stack, in *hsmfault.Injector, seed uint64) *faultRun {
+	r := &faultRun{t: t, s: s, in: in, seed: seed, stop: make(chan struct{})}
 	for i := range 4 {
 		r.tenants = append(r.tenants, fmt.Sprintf("t%d", i))
 		s.createTenant(r.tenants[i])
@@ -198,8 +194,7 @@ func (r *faultRun) stopped() bool {
 	}
 }
 
-// envClient returns the current Envelope client; the caller holds r.mu
-// for reading.
+// envClient returns the Envelope client.
 func (r *faultRun) envClient() hsmdv1.EnvelopeClient { return r.s.env }
 
 // unexpectedErr records an error no fault explains.
@@ -244,9 +239,7 @@ func (r *faultRun) encryptBatch(rng *rand.Rand, w, n int) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	r.mu.RLock()
 	resp, err := r.envClient().Encrypt(ctx, &hsmdv1.EncryptRequest{Tenant: tenant, Items: items})
-	r.mu.RUnlock()
 	if err != nil {
 		r.encFail.Add(1)
 		r.callErr("encrypt", err)
@@ -294,9 +287,7 @@ func (r *faultRun) decryptBatch(rng *rand.Rand) {
 	items = append(items, &hsmdv1.DecryptItem{Ciphertext: bad, Context: picked[0].ctx})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	r.mu.RLock()
 	resp, err := r.envClient().Decrypt(ctx, &hsmdv1.DecryptRequest{Items: items})
-	r.mu.RUnlock()
 	if err != nil {
 		r.decFail.Add(1)
 		r.callErr("decrypt", err)
@@ -351,9 +342,7 @@ func (r *faultRun) prober() {
 func (r *faultRun) probe(items []*hsmdv1.EncryptItem) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	r.mu.RLock()
 	resp, err := r.envClient().Encrypt(ctx, &hsmdv1.EncryptRequest{Tenant: "probe", Items: items})
-	r.mu.RUnlock()
 	if err != nil {
 		r.probeFail.Add(1)
 		return false, err
@@ -381,9 +370,7 @@ func (r *faultRun) rotator() {
 		case <-tick.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		r.mu.RLock()
 		_, err := r.s.keys.RotateKey(ctx, &hsmdv1.RotateKeyRequest{Tenant: r.tenants[i%len(r.tenants)]})
-		r.mu.RUnlock()
 		cancel()
 		if err != nil {
 			r.rotFail.Add(1)
@@ -463,12 +450,15 @@ func (r *faultRun) randomPhase(d time.Duration) {
 }
 
 // fatalBurst fails every HSM call with kind for about d, checks that
-// health goes down at once and stays down (without reaching the module)
-// after the burst, then restarts the stack and measures the recovery.
+// health goes down at once, that through the hold-down calls fail fast
+// without reaching the module and health stays down, and that the HSM then
+// recovers in place: health SERVING again without a restart, within the
+// hold-down plus a few seconds.
 func (r *faultRun) fatalBurst(kind hsmfault.Kind, d time.Duration) {
 	t := r.t
 	rd := &r.rounds[len(r.rounds)-1]
 	rd.kind = kind
+	before := r.s.hsm.Recoveries()
 	t0 := time.Now()
 	r.in.StartBurst(kind)
 	rd.detect = r.waitHealthAt(healthpb.HealthCheckResponse_NOT_SERVING, 3*time.Second).Sub(t0)
@@ -479,17 +469,18 @@ func (r *faultRun) fatalBurst(kind hsmfault.Kind, d time.Duration) {
 	r.in.StopBurst()
 	end := time.Now()
 
-	// The fatal state holds after the burst (hsm's design): calls fail
-	// fast, nothing reaches the module, health stays down.
+	// The hold-down (from the first fatal error, just after t0) outlasts
+	// the burst: calls fail fast, nothing reaches the module, health stays
+	// down. 200ms of margin before the first recovery attempt.
 	calls := r.in.Calls()
 	items := make([]*hsmdv1.EncryptItem, probeItems)
 	for i := range items {
 		items[i] = &hsmdv1.EncryptItem{Plaintext: []byte("sticky")}
 	}
-	for time.Since(end) < 300*time.Millisecond {
+	for time.Since(end) < 300*time.Millisecond && time.Since(t0) < hsm.DefaultRecoveryHoldDown-200*time.Millisecond {
 		start := time.Now()
 		if _, err := r.probe(items); status.Code(err) != codes.Unavailable {
-			t.Fatalf("an HSM call after a %v burst: %v, want UNAVAILABLE (the HSM stays fatal until reopened)", kind, err)
+			t.Fatalf("an HSM call in the hold-down after a %v burst: %v, want UNAVAILABLE", kind, err)
 		}
 		// Fail fast is shown by the module calls below (none); this
 		// only catches a hang, with room for a loaded test machine.
@@ -507,20 +498,31 @@ func (r *faultRun) fatalBurst(kind hsmfault.Kind, d time.Duration) {
 	if rd.moduleCalls > 3*faultSessions {
 		t.Errorf("%d module calls while the HSM was fatal; want none beyond operations admitted before (fail fast)", rd.moduleCalls)
 	}
-	if h := r.health(); h != healthpb.HealthCheckResponse_NOT_SERVING {
-		t.Errorf("health %v after a %v burst; the HSM is fatal until reopened", h, kind)
+	if rd.stickyCalls > 0 {
+		if h := r.health(); h != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Errorf("health %v in the hold-down after a %v burst", h, kind)
+		}
 	}
 
-	// Reopen: the restart an operator or orchestrator would do.
-	rs := time.Now()
-	r.mu.Lock()
-	r.s.restart(r.o)
-	r.mu.Unlock()
-	rd.restart = time.Since(rs)
-	first := r.firstProbeAfter(rs)
-	rd.fatalCall, rd.reopenCall = first.Sub(end), first.Sub(rs)
-	rd.fatalHealth = r.waitHealthAt(healthpb.HealthCheckResponse_SERVING, 5*time.Second).Sub(end)
+	// Recovery in place: no restart.
+	limit := hsm.DefaultRecoveryHoldDown + d + 3*time.Second
+	first := r.firstProbeAfter(end)
+	rd.fatalCall = first.Sub(end)
+	rd.fatalHealth = r.waitHealthAt(healthpb.HealthCheckResponse_SERVING, limit).Sub(end)
+	after := r.s.hsm.Recoveries()
+	rd.recovery = after.Last
 	rd.goroutines = runtime.NumGoroutine()
+	switch {
+	case after.Recoveries != before.Recoveries+1:
+		t.Errorf("%d recoveries after a %v burst, want 1", after.Recoveries-before.Recoveries, kind)
+	case after.Last < hsm.DefaultRecoveryHoldDown:
+		t.Errorf("recovered %v after the fault, within the %v hold-down", after.Last, hsm.DefaultRecoveryHoldDown)
+	case after.Last > limit:
+		t.Errorf("recovery took %v, want under %v (hold-down + burst + 3s)", after.Last, limit)
+	}
+	if n := r.s.hsm.OpenSessions(); n != faultSessions {
+		t.Errorf("%d PKCS#11 sessions open after recovery, want the pool's %d", n, faultSessions)
+	}
 }
 
 // finalCheck decrypts every acknowledged item with no fault injected.
@@ -569,8 +571,8 @@ func (r *faultRun) report() {
 	for i, rd := range r.rounds {
 		fmt.Fprintf(&b, "  round %d: retryable faults: last fault → first HSM call ok %v, → SERVING %v; sessions open %d/%d\n",
 			i+1, rd.retryCall.Round(time.Millisecond), rd.retryHealth.Round(time.Millisecond), rd.sessionsAfterRetryable, faultSessions)
-		fmt.Fprintf(&b, "           %v burst: NOT_SERVING after %v; after it, %d calls refused fast with %d module calls; restart %v (→ first HSM call ok %v); burst end → first HSM call ok %v, → SERVING %v; %d goroutines\n",
-			rd.kind, rd.detect.Round(time.Millisecond), rd.stickyCalls, rd.moduleCalls, rd.restart.Round(time.Millisecond), rd.reopenCall.Round(time.Millisecond),
+		fmt.Fprintf(&b, "           %v burst: NOT_SERVING after %v; in the hold-down, %d calls refused fast with %d module calls; recovered in place %v after the fault (no restart); burst end → first HSM call ok %v, → SERVING %v; %d goroutines\n",
+			rd.kind, rd.detect.Round(time.Millisecond), rd.stickyCalls, rd.moduleCalls, rd.recovery.Round(time.Millisecond),
 			rd.fatalCall.Round(time.Millisecond), rd.fatalHealth.Round(time.Millisecond), rd.goroutines)
 	}
 	t.Log(b.String())

@@ -95,6 +95,39 @@ func (m *Metrics) registerCounter(f func() uint64) {
 	}, func() float64 { return float64(f()) }))
 }
 
+// HSMRecovery is what RegisterHSMRecovery exports of the HSM's in-place
+// recoveries (hsm.HSM.Recoveries).
+type HSMRecovery struct {
+	Recoveries, Attempts uint64
+	Last                 time.Duration // the last outage recovered from
+	Recovering           bool          // down, and recovery is running
+}
+
+// RegisterHSMRecovery exports f, read at every scrape, as
+// hsmd_hsm_recoveries_total, hsmd_hsm_recovery_attempts_total,
+// hsmd_hsm_last_recovery_seconds and hsmd_hsm_recovering.
+func (m *Metrics) RegisterHSMRecovery(f func() HSMRecovery) {
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "hsmd_hsm_recoveries_total", Help: "Times the HSM became usable again in place after the token was lost.",
+		}, func() float64 { return float64(f().Recoveries) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "hsmd_hsm_recovery_attempts_total", Help: "Attempts to recover the HSM in place, failed ones included.",
+		}, func() float64 { return float64(f().Attempts) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "hsmd_hsm_last_recovery_seconds", Help: "How long the last recovered HSM outage lasted, from its first fatal error to usable.",
+		}, func() float64 { return f().Last.Seconds() }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "hsmd_hsm_recovering", Help: "1 while the HSM is unusable and being recovered; 0 otherwise (see hsmd_ready).",
+		}, func() float64 {
+			if f().Recovering {
+				return 1
+			}
+			return 0
+		}),
+	)
+}
+
 // InstrumentDeriver counts and times d's calls as HSM calls of op "hmac".
 func (m *Metrics) InstrumentDeriver(d envelope.Deriver) envelope.Deriver {
 	return &instrumentedDeriver{d: d, m: m}

@@ -158,7 +158,9 @@ func unsealHint(err error) error {
 }
 
 func (p *parts) openHSM(ctx context.Context, initKeys bool) error {
-	h, err := hsm.Open(ctx, p.cfg.HSM)
+	hc := p.cfg.HSM
+	hc.Logger = p.log
+	h, err := hsm.Open(ctx, hc)
 	if err != nil {
 		return withHint(err, "check hsm.module, hsm.token_label and the PIN")
 	}

@@ -66,7 +66,8 @@ func devProfile(c *Config, insecure bool, logf func(string, ...any)) (devSetup, 
 	if err != nil {
 		return devSetup{}, withHint(err, "install it: sudo apt-get install -y softhsm2 (make run does this when run as root)")
 	}
-	c.HSM = hsm.Config{Module: module, TokenLabel: DevTokenLabel, Sessions: c.HSM.Sessions, CallTimeout: c.HSM.CallTimeout}
+	c.HSM = hsm.Config{Module: module, TokenLabel: DevTokenLabel, Sessions: c.HSM.Sessions, CallTimeout: c.HSM.CallTimeout,
+		RecoveryHoldDown: c.HSM.RecoveryHoldDown, RecoveryMaxBackoff: c.HSM.RecoveryMaxBackoff}
 	if insecure {
 		return devSetup{}, devInsecureToken(c, module, dir, logf)
 	}

@@ -218,7 +218,8 @@ func checkMetrics(t *testing.T, url string) {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
-	for _, want := range []string{`hsmd_hsm_calls_total{op="hmac",result="ok"} 1`, `hsmd_requests_total{code="OK",method="Encrypt"} 1`, `hsmd_ready 1`} {
+	for _, want := range []string{`hsmd_hsm_calls_total{op="hmac",result="ok"} 1`, `hsmd_requests_total{code="OK",method="Encrypt"} 1`, `hsmd_ready 1`,
+		"hsmd_hsm_recoveries_total 0", "hsmd_hsm_recovering 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}

@@ -160,6 +160,10 @@ func openDaemon(ctx context.Context, c *Config, p *profileFlags, dev devSetup, l
 		pt.replica.registerMetrics(d.reg)
 	}
 	metrics := server.NewMetrics(d.reg, func() envelope.Stats { return eng.Stats() })
+	metrics.RegisterHSMRecovery(func() server.HSMRecovery {
+		r := pt.hsm.Recoveries()
+		return server.HSMRecovery{Recoveries: r.Recoveries, Attempts: r.Attempts, Last: r.Last, Recovering: r.Recovering}
+	})
 	ec := c.envelopeConfig(metrics.InstrumentDeriver(pt.hsm))
 	ec.OnSealKey = func(ref envelope.KeyRef) { d.srv.RecordDEK(ref) } // usage limits
 	xwing := &server.XWingKeys{Store: pt.meta, Wrap: pt.hsm}          // suite 0x02 (offline HPKE producers)

@@ -13,10 +13,11 @@
 //     CKR_SESSION_HANDLE_INVALID without reaching the module, so that the
 //     hsm package's session count stays right.
 //   - TokenNotPresent: CKR_TOKEN_NOT_PRESENT from every call, C_GetTokenInfo
-//     and C_OpenSession included (hsm: fatal).
+//     and C_OpenSession included (hsm: fatal and recoverable: the HSM
+//     recovers in place once the burst has ended).
 //   - PINExpired: CKR_PIN_EXPIRED from every operation and login (sessions
 //     still open), and C_GetTokenInfo reporting CKF_USER_PIN_TO_BE_CHANGED
-//     (hsm: fatal).
+//     (hsm: fatal and recoverable, likewise).
 //   - Latency: a delay before the call, no error.
 //
 // # Modes
@@ -146,6 +147,7 @@ type Injector struct {
 
 	counts    [numKinds]atomic.Int64
 	calls     atomic.Int64
+	logins    atomic.Int64
 	lastFault atomic.Int64 // UnixNano of the last injected error or delay
 }
 
@@ -215,6 +217,11 @@ func (in *Injector) Count(k Kind) int64 { return in.counts[k].Load() }
 
 // Calls returns how many module calls went through the Injector.
 func (in *Injector) Calls() int64 { return in.calls.Load() }
+
+// Logins returns how many C_Login calls went through the Injector, failed
+// or injected ones included: a test of PIN handling counts attempts with
+// it.
+func (in *Injector) Logins() int64 { return in.logins.Load() }
 
 // LastFault returns when the last fault was injected, or for a delay when
 // it ended (zero if none was).
@@ -380,6 +387,7 @@ func (in *Injector) CloseSession(sh pkcs11.SessionHandle) error {
 }
 
 func (in *Injector) Login(sh pkcs11.SessionHandle, userType uint, pin string) error {
+	in.logins.Add(1)
 	if err := in.before(classSession, sh); err != nil {
 		return err
 	}

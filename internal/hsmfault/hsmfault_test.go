@@ -1,6 +1,7 @@
 package hsmfault_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -65,7 +66,8 @@ func TestSessionInvalidLosesTheSession(t *testing.T) {
 }
 
 // TestBursts: a TOKEN_NOT_PRESENT or PIN_EXPIRED burst makes the HSM fatal
-// (hsm's design: it stays so until reopened).
+// at once; it stays so through the hold-down, then recovers in place by
+// itself, logging in once.
 func TestBursts(t *testing.T) {
 	for _, k := range []hsmfault.Kind{hsmfault.TokenNotPresent, hsmfault.PINExpired} {
 		t.Run(k.String(), func(t *testing.T) {
@@ -75,13 +77,35 @@ func TestBursts(t *testing.T) {
 			if err := h.LoadKeys(ctx); err != nil {
 				t.Fatal(err)
 			}
+			want, err := h.PRF(ctx, 1, []byte("x"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			logins := in.Logins()
 			in.StartBurst(k)
+			start := time.Now()
 			if err := h.Ready(ctx); !hsm.IsFatal(err) {
 				t.Fatalf("Ready in a %v burst = %v, want fatal", k, err)
 			}
 			in.StopBurst()
 			if _, err := h.PRF(ctx, 1, []byte("x")); !hsm.IsFatal(err) {
-				t.Fatalf("PRF after the burst = %v, want fatal", err)
+				t.Fatalf("PRF right after the burst (in the hold-down) = %v, want fatal", err)
+			}
+			for h.Ready(ctx) != nil {
+				if time.Since(start) > hsm.DefaultRecoveryHoldDown+5*time.Second {
+					t.Fatalf("not recovered %v after a %v burst: %v", time.Since(start), k, h.Ready(ctx))
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			t.Logf("%v burst: ready again after %v (recovery: %+v)", k, time.Since(start).Round(time.Millisecond), h.Recoveries())
+			if time.Since(start) < hsm.DefaultRecoveryHoldDown {
+				t.Fatalf("recovered after %v, within the hold-down", time.Since(start))
+			}
+			if got, err := h.PRF(ctx, 1, []byte("x")); err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("PRF after recovery = %x, %v; want %x", got, err, want)
+			}
+			if n := in.Logins() - logins; n != 1 {
+				t.Fatalf("%d logins to recover, want 1", n)
 			}
 		})
 	}
