@@ -9,6 +9,7 @@ import (
 	"iter"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
@@ -32,6 +33,11 @@ type Report struct {
 	// checkpoint (a crash before its publication); the next start
 	// publishes one covering them.
 	Uncovered uint64
+	// Unpublished counts archived checkpoints newer than the published
+	// one: a checkpoint is archived before it is published, so a crash
+	// between the two, or a log being written while Verify reads it,
+	// leaves the published one behind. The next publication catches up.
+	Unpublished int
 }
 
 // VerifyError names the first bad entry or checkpoint Verify found.
@@ -69,7 +75,9 @@ func badCheckpoint(n int, format string, a ...any) error {
 //
 //   - every archived checkpoint is signed as said above, has the log's
 //     origin, and does not shrink the tree; the published checkpoint is
-//     the newest archived one;
+//     one of them (the newest, but for a crash or a write in progress:
+//     Report.Unpublished); an incomplete record at the archive's end (a
+//     crash while archiving, or a write in progress) is not a checkpoint;
 //   - every entry up to the newest checkpoint parses and hashes to the
 //     leaf the tree holds;
 //   - the root recomputed from the entries equals each checkpoint's root
@@ -84,8 +92,18 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 		return nil, err
 	}
 	d := dirReader{filepath.Join(dir, TreeDir)}
+	// The published checkpoint first: it is archived before it is
+	// published, so the archive read after it holds it even while hsmd
+	// writes the log.
+	published, err := d.ReadCheckpoint(ctx)
+	if err != nil {
+		return nil, &VerifyError{Entry: -1, Checkpoint: -1, Reason: fmt.Sprintf("read the published checkpoint: %v", err)}
+	}
 	var cps []ArchivedCheckpoint
 	for cp, err := range readArchive(filepath.Join(dir, CheckpointsFile)) {
+		if errors.Is(err, errTornTail) {
+			break // hsmd cuts it off at its next start
+		}
 		if err != nil {
 			return nil, badCheckpoint(len(cps), "%v", err)
 		}
@@ -107,12 +125,9 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 		return nil, badCheckpoint(0, "the archive holds no checkpoint")
 	}
 	newest := cps[len(cps)-1]
-	published, err := d.ReadCheckpoint(ctx)
-	if err != nil {
-		return nil, &VerifyError{Entry: -1, Checkpoint: -1, Reason: fmt.Sprintf("read the published checkpoint: %v", err)}
-	}
-	if !bytes.Equal(published, newest.Note) {
-		return nil, &VerifyError{Entry: -1, Checkpoint: -1, Reason: "the published checkpoint is not the newest archived one"}
+	pub := slices.IndexFunc(cps, func(cp ArchivedCheckpoint) bool { return bytes.Equal(cp.Note, published) })
+	if pub < 0 {
+		return nil, &VerifyError{Entry: -1, Checkpoint: -1, Reason: "the published checkpoint is not in the archive"}
 	}
 
 	// Recompute the tree from the entries.
@@ -224,7 +239,7 @@ func Verify(ctx context.Context, dir string, verifiers []note.Verifier) (*Report
 		}
 	}
 
-	rep := &Report{Checkpoints: len(cps), Size: size, Root: newest.Hash}
+	rep := &Report{Checkpoints: len(cps), Size: size, Root: newest.Hash, Unpublished: len(cps) - 1 - pub}
 	if n, err := treeSize(dir); err == nil && n > size {
 		rep.Uncovered = n - size
 	}

@@ -234,6 +234,9 @@ func printAuditReport(w io.Writer, dir string, rep *audit.Report, keys int, all 
 	} else {
 		fmt.Fprintf(w, "signatures:  every checkpoint signed by at least one of %d keys (--require-all=false)\n", keys)
 	}
+	if rep.Unpublished > 0 {
+		fmt.Fprintf(w, "unpublished: %d archived checkpoints newer than the published one, verified (a crash between archiving and publishing, or hsmd writing the log now)\n", rep.Unpublished)
+	}
 	if rep.Uncovered > 0 {
 		fmt.Fprintf(w, "uncovered:   %d entries after the newest checkpoint, not verified (hsmd publishes a checkpoint covering them at its next start)\n", rep.Uncovered)
 	}
