@@ -92,7 +92,9 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 		metricsURL = "http://" + DefaultMetricsAddr + "/metrics"
 	}
 	if metricsURL != "" {
-		cfg.Server.HSMCalls = func(ctx context.Context) (float64, error) { return scrapeMetric(ctx, metricsURL, "hsmd_hsm_calls_total") }
+		cfg.Server.HSMCalls = func(ctx context.Context) (float64, error) {
+			return scrapeMetric(ctx, metricsURL, "hsmd_hsm_calls_total")
+		}
 		cfg.Server.CPU = func(ctx context.Context) (time.Duration, error) {
 			s, err := scrapeMetric(ctx, metricsURL, "process_cpu_seconds_total")
 			return time.Duration(s * float64(time.Second)), err
@@ -283,7 +285,9 @@ func startBenchDaemon(ctx context.Context, env *cliEnv) (addr, metricsURL string
 	}
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan error, 1)
-	go func() { done <- d.serve(sctx, &cliEnv{stdout: io.Discard, stderr: env.stderr, getenv: func(string) string { return "" }}) }()
+	go func() {
+		done <- d.serve(sctx, &cliEnv{stdout: io.Discard, stderr: env.stderr, getenv: func(string) string { return "" }})
+	}()
 	closeFn = func() {
 		cancel()
 		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
@@ -303,4 +307,3 @@ func freeLoopbackAddr() (string, error) {
 	defer l.Close()
 	return l.Addr().String(), nil
 }
-
