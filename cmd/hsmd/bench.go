@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,7 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 		inProcess, autoBatch                 bool
 		tenant, ops, sizes, batches, concs   string
 		jsonOut, svgOut, metricsURL, showBar string
+		cpuProfile                           string
 		warmup, duration                     time.Duration
 		reps                                 int
 	)
@@ -56,6 +58,7 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 	fs.StringVar(&svgOut, "svg", "", "write a chart of throughput against item size, with raw AES-256-GCM, to this SVG file")
 	fs.StringVar(&metricsURL, "metrics", "", "the server's Prometheus metrics URL, for HSM calls and server CPU (default: the dev profile's, for the default --addr)")
 	fs.StringVar(&showBar, "progress", "auto", "progress on stderr: auto (a bar on a terminal), on, off")
+	fs.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of this process (with --in-process, the server's too) to this file")
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
 		return err
@@ -124,6 +127,17 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 		defer m.Finish()
 	} else if showBar != "off" && showBar != "auto" {
 		return &usageError{msg: "--progress: want auto, on or off"}
+	}
+	if cpuProfile != "" {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	res := &bench.Result{Time: time.Now().UTC(), Machine: bench.ThisMachine(), Target: target,
 		Warmup: warmup.String(), Duration: duration.String(), Reps: reps}
