@@ -94,26 +94,36 @@ func (r *Result) WriteTable(w io.Writer) error {
 // series is one line of the chart.
 type series struct {
 	name   string
-	dashed bool
+	dashed bool // raw AES-GCM
+	dotted bool // decrypt
+	color  string
 	pts    [][2]float64 // item size, MB/s
 }
 
 var palette = []string{"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"}
 
 // WriteSVG draws throughput (MB/s of plaintext, log scale) against item
-// size (log scale): one line per op, batch and concurrency, and a dashed
-// line of raw AES-256-GCM per op, measured in the same run.
+// size (log scale): one line per op, batch and concurrency (a colour per
+// batch and concurrency; decrypt dotted), and a dashed line of raw
+// AES-256-GCM per op, measured in the same run.
 func (r *Result) WriteSVG(w io.Writer) error {
 	byName := map[string]*series{}
 	var order []string
-	add := func(name string, dashed bool, size, mbs float64) {
+	colors := map[string]string{} // by batch and callers: encrypt and decrypt share one
+	add := func(name, config string, size, mbs float64) *series {
 		s, ok := byName[name]
 		if !ok {
-			s = &series{name: name, dashed: dashed}
+			c, ok := colors[config]
+			if !ok {
+				c = palette[len(colors)%len(palette)]
+				colors[config] = c
+			}
+			s = &series{name: name, color: c}
 			byName[name] = s
 			order = append(order, name)
 		}
 		s.pts = append(s.pts, [2]float64{size, mbs})
+		return s
 	}
 	rawSeen := map[string]bool{}
 	for i := range r.Points {
@@ -125,14 +135,19 @@ func (r *Result) WriteSVG(w io.Writer) error {
 		if p.AutoBatch {
 			batch = "single, auto-batched"
 		}
-		add(fmt.Sprintf("hsmd %s, %s, %d callers", p.Op, batch, p.Concurrency), false, float64(p.Size), p.MBPerSec)
+		config := fmt.Sprintf("%s, %d callers", batch, p.Concurrency)
+		add("hsmd "+p.Op+", "+config, config, float64(p.Size), p.MBPerSec).dotted = p.Op == OpDecrypt
 		rawOp := "Seal"
 		if p.Op == OpDecrypt {
 			rawOp = "Open"
 		}
 		if k := fmt.Sprint(p.Op, p.Size); !rawSeen[k] && p.RawMBPerSec > 0 {
 			rawSeen[k] = true
-			add("raw AES-256-GCM "+rawOp, true, float64(p.Size), p.RawMBPerSec)
+			s := add("raw AES-256-GCM "+rawOp, "raw "+rawOp, float64(p.Size), p.RawMBPerSec)
+			s.dashed, s.color = true, "#000"
+			if rawOp == "Open" {
+				s.color = "#777"
+			}
 		}
 	}
 	sort.SliceStable(order, func(i, j int) bool { return !byName[order[i]].dashed && byName[order[j]].dashed })
@@ -201,14 +216,12 @@ func (r *Result) WriteSVG(w io.Writer) error {
 	// Lines and legend.
 	for i, name := range order {
 		s := byName[name]
-		color := palette[i%len(palette)]
-		dash := ""
-		if s.dashed {
-			dash = ` stroke-dasharray="6 4"`
-			color = "#000"
-			if strings.HasSuffix(name, "Open") {
-				color = "#777"
-			}
+		color, dash := s.color, ""
+		switch {
+		case s.dashed:
+			dash = ` stroke-dasharray="8 4"`
+		case s.dotted:
+			dash = ` stroke-dasharray="2 3"`
 		}
 		var pts []string
 		for _, pt := range s.pts {

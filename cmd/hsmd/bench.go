@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -40,7 +41,7 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 		inProcess, autoBatch                 bool
 		tenant, ops, sizes, batches, concs   string
 		jsonOut, svgOut, metricsURL, showBar string
-		cpuProfile                           string
+		cpuProfile, fromJSON                 string
 		warmup, duration                     time.Duration
 		reps                                 int
 	)
@@ -58,6 +59,7 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 	fs.StringVar(&svgOut, "svg", "", "write a chart of throughput against item size, with raw AES-256-GCM, to this SVG file")
 	fs.StringVar(&metricsURL, "metrics", "", "the server's Prometheus metrics URL, for HSM calls and server CPU (default: the dev profile's, for the default --addr)")
 	fs.StringVar(&showBar, "progress", "auto", "progress on stderr: auto (a bar on a terminal), on, off")
+	fs.StringVar(&fromJSON, "from-json", "", "measure nothing: print the table of, and draw --svg from, the results in this JSON file (from --json)")
 	fs.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of this process (with --in-process, the server's too) to this file")
 	pos, err := parseClientFlags(fs, args)
 	if err != nil {
@@ -65,6 +67,17 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 	}
 	if len(pos) > 0 {
 		return &usageError{msg: "bench takes no arguments; usage: " + benchUsage}
+	}
+	if fromJSON != "" {
+		b, err := os.ReadFile(fromJSON)
+		if err != nil {
+			return err
+		}
+		var res bench.Result
+		if err := json.Unmarshal(b, &res); err != nil {
+			return fmt.Errorf("%s: %w", fromJSON, err)
+		}
+		return writeBenchResults(env.stdout, &res, jsonOut, svgOut)
 	}
 	cfg := &bench.Config{Tenant: tenant, AutoBatch: autoBatch, Warmup: warmup, Duration: duration, Reps: reps}
 	if cfg.Ops, err = splitList(ops, func(s string) (string, error) { return s, nil }); err != nil {

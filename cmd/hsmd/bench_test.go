@@ -64,6 +64,14 @@ func TestBenchInProcess(t *testing.T) {
 	if !strings.Contains(errOut, "hsmd bench") {
 		t.Errorf("no progress on stderr: %q", errOut)
 	}
+	// --from-json prints the same table and draws the chart again.
+	again, errOut, err := cli(t, dir, "", "bench", "--from-json", jsonPath, "--svg", filepath.Join(dir, "again.svg"))
+	if err != nil || again != out {
+		t.Errorf("--from-json: %v %s\n%s", err, errOut, again)
+	}
+	if b1, _ := os.ReadFile(svgPath); len(b1) == 0 || !fileEqual(t, svgPath, filepath.Join(dir, "again.svg")) {
+		t.Error("--from-json drew another chart")
+	}
 	f, err := os.Open(svgPath)
 	if err != nil {
 		t.Fatal(err)
@@ -117,4 +125,11 @@ func TestBenchRemote(t *testing.T) {
 	if _, errOut, err := cli(t, dir, "", "bench", "--sizes", "1GiB"); err == nil || !strings.Contains(errOut, "1GiB") {
 		t.Errorf("bad size: %v %s", err, errOut)
 	}
+}
+
+func fileEqual(t *testing.T, a, b string) bool {
+	t.Helper()
+	x, err1 := os.ReadFile(a)
+	y, err2 := os.ReadFile(b)
+	return err1 == nil && err2 == nil && string(x) == string(y)
 }
