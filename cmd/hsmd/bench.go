@@ -133,11 +133,11 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 		return clientRPCError("bench", err)
 	}
 
+	var meter *progress.Meter
 	if bar := showBar == "on" || (showBar == "auto" && progress.IsTerminal(env.stderr)); bar {
-		m := progress.New(env.stderr, "hsmd bench", 1000, 0)
-		m.Start()
-		cfg.Progress = func(_ string, items int64, done float64) { m.Set(items, int64(done*1000)) }
-		defer m.Finish()
+		meter = progress.New(env.stderr, "hsmd bench", 1000, 0)
+		meter.Start()
+		cfg.Progress = func(_ string, items int64, done float64) { meter.Set(items, int64(done*1000)) }
 	} else if showBar != "off" && showBar != "auto" {
 		return &usageError{msg: "--progress: want auto, on or off"}
 	}
@@ -155,8 +155,8 @@ func runBench(ctx context.Context, env *cliEnv, args []string) error {
 	res := &bench.Result{Time: time.Now().UTC(), Machine: bench.ThisMachine(), Target: target,
 		Warmup: warmup.String(), Duration: duration.String(), Reps: reps}
 	res.Points, err = bench.Run(ctx, cfg)
-	if cfg.Progress != nil {
-		fmt.Fprintln(env.stderr)
+	if meter != nil {
+		meter.Finish()
 	}
 	if werr := writeBenchResults(env.stdout, res, jsonOut, svgOut); werr != nil {
 		return werr
