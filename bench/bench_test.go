@@ -118,6 +118,18 @@ func TestSVG(t *testing.T) {
 	if polylines != 4 || !strings.Contains(all, "raw AES-256-GCM Seal") || !strings.Contains(all, "raw AES-256-GCM Open") || !strings.Contains(all, "16KiB") {
 		t.Fatalf("%d polylines; texts %s", polylines, all)
 	}
+	// The same results draw the same bytes (no map order leaks out).
+	var again bytes.Buffer
+	if err := sample().WriteSVG(&again); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		var b2 bytes.Buffer
+		sample().WriteSVG(&b2)
+		if b2.String() != again.String() {
+			t.Fatal("the chart differs between two drawings of the same results")
+		}
+	}
 	var empty bytes.Buffer
 	if err := (&Result{}).WriteSVG(&empty); err != nil || !strings.Contains(empty.String(), "no measured point") {
 		t.Fatalf("empty chart: %v %s", err, empty.String())

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"html"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -206,7 +208,7 @@ func (r *Result) WriteSVG(w io.Writer) error {
 			sizes[pt[0]] = true
 		}
 	}
-	for v := range sizes {
+	for _, v := range slices.Sorted(maps.Keys(sizes)) {
 		x := X(v)
 		fmt.Fprintf(bw, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%.0f" stroke="#eee"/>`+"\n", x, top, x, float64(top)+ph)
 		fmt.Fprintf(bw, `<text x="%.1f" y="%.0f" text-anchor="middle">%s</text>`+"\n", x, float64(top)+ph+18, SizeString(int(v)))
