@@ -385,11 +385,14 @@ func TestCluster(t *testing.T) {
 	dead.c = nil
 
 	// The survivor is the member (it registers again after the leases
-	// lost with the quorum expire), with its client address.
+	// lost with the quorum expire), with its client address. The one
+	// member must be the survivor: the dead leader's record lives until
+	// its lease expires, and may be alone while the survivor registers
+	// again.
 	deadline = time.Now().Add(30 * time.Second)
 	for {
 		st, err := cluster.ReadStatus(ctx, cli, clusterPrefix)
-		if err == nil && len(st.Members) == 1 && st.Members[0].Addr != "" && !strings.HasSuffix(st.Members[0].Addr, ":0") {
+		if err == nil && len(st.Members) == 1 && st.Members[0].Name == next && st.Members[0].Addr != "" && !strings.HasSuffix(st.Members[0].Addr, ":0") {
 			break
 		}
 		if time.Now().After(deadline) {
